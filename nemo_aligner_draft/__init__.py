@@ -1,0 +1,1 @@
+"""nemo_aligner_draft."""

@@ -1,0 +1,30 @@
+"""Analytic rewards that need no weights."""
+from __future__ import annotations
+
+import torch
+
+from .base import Reward, register_reward
+
+
+class Colorfulness(Reward):
+    """Hasler & Süsstrunk (2003) colourfulness M = σ_rgyb + 0.3·μ_rgyb on [0, 1] RGB, differentiable.
+
+    rg = R − G, yb = (R + G)/2 − B; σ_rgyb = sqrt(σ_rg² + σ_yb²), μ_rgyb = sqrt(μ_rg² + μ_yb²).
+    Prompt-independent: the project's stand-in for an aesthetic score on synthetic images.
+    """
+
+    name = "colorfulness"
+
+    def forward(self, images, prompts=None):
+        r, g, b = images.float().unbind(dim=1)
+        rg, yb = r - g, 0.5 * (r + g) - b
+        std = (rg.var(dim=(1, 2), unbiased=False) + yb.var(dim=(1, 2), unbiased=False) + 1e-8).sqrt()
+        mean = (rg.mean(dim=(1, 2)) ** 2 + yb.mean(dim=(1, 2)) ** 2 + 1e-8).sqrt()
+        return std + 0.3 * mean
+
+
+@register_reward("colorfulness")
+def colorfulness(**kwargs) -> Reward:
+    if kwargs:
+        raise ValueError(f"reward 'colorfulness' takes no arguments, got {sorted(kwargs)}")
+    return Colorfulness()

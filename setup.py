@@ -1,0 +1,45 @@
+"""nemo-aligner-draft: DRaFT+ and sibling reward fine-tuning methods for diffusion models."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "torchvision",
+    "diffusers>=0.30",
+    "transformers>=4.44",
+    "peft>=0.12",
+    "safetensors",
+    "hydra-core>=1.3",
+    "omegaconf>=2.3",
+    "nemo_toolkit[common]==3.0.0",
+    "megatron-core==0.16.1; python_version < '3.12'",
+    "megatron-core>=0.16.1; python_version >= '3.12'",
+    "open_clip_torch>=2.24",
+    "lpips>=0.1.4",
+    "tqdm",
+    "matplotlib",
+    "tensorboard",
+    "numpy",
+    "pillow",
+]
+
+EXTRAS = {
+    "test": ["pytest>=7", "pytest-timeout"],
+    "dev": ["pytest>=7", "pytest-timeout", "ruff"],
+}
+
+setup(
+    name="nemo-aligner-draft",
+    version="0.1.0",
+    description="DRaFT+, DRaFT-K/LV, AlignProp, DDPO and SDPO for text-to-image diffusion models",
+    packages=find_packages(include=["nemo_aligner_draft", "nemo_aligner_draft.*"]),
+    include_package_data=True,
+    package_data={"nemo_aligner_draft": ["conf/*.yaml", "embedded/assets/**/*"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "nad-train=nemo_aligner_draft.cli.train:main",
+        ]
+    },
+)
