@@ -1,0 +1,220 @@
+"""DDPO with the PPO-clip objective (Black et al. 2023, arXiv 2305.13301, §4.3 "DDPO_IS").
+
+The denoising chain is an MDP whose policy is the Gaussian sampler step
+``π_θ(x_{i+1} | x_i, c) = N(x_{i+1}; μ_θ(x_i, i, c), σ_i² I)`` (DDIM with eta > 0, Song et al. 2021
+eq. 12). One epoch:
+
+1. :func:`ddpo_rollout`: sample without gradient, storing x_0..x_T, the per-step log-probabilities
+   log π_old of the steps taken and the timesteps.
+2. Score the final images (any reward, differentiable or not) and turn rewards into advantages
+   (:mod:`.stat_tracking`), clipped to ±``adv_clip_max``.
+3. For each inner epoch, :func:`iter_train_minibatches` shuffles the samples into train batches
+   and draws, per sample, a random order of ``timestep_fraction·T`` steps. For each position j of
+   that order :func:`ddpo_step_loss` recomputes log π_θ of the stored step with gradient and
+   returns the PPO-clip loss (eq. 4 with the PPO surrogate):
+
+       ρ = exp(log π_θ − log π_old),
+       L = mean_b max(−A_b ρ_b, −A_b clip(ρ_b, 1 − ε, 1 + ε)).
+
+   The reference implementation accumulates the gradients of all j positions of one train batch
+   before an optimizer step; that loop (inner epochs, accumulation, optimizer) belongs to the
+   training shell.
+
+Log-probabilities are averaged over latent dimensions (as in the reference implementation), so ρ
+is a per-dimension geometric mean ratio and ``clip_range`` (default 1e-4) is correspondingly small.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple, Union
+
+import torch
+
+from .sampler import Denoiser, StepPlan, sample
+from .schedulers import StepRule
+
+
+@dataclass
+class DDPOConfig:
+    """Keys of ``model.ddpo`` (defaults from the DDPO paper's released configs)."""
+
+    eta: float = 1.0
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    timestep_fraction: float = 1.0
+
+    def __post_init__(self):
+        if self.eta <= 0:
+            raise ValueError(f"DDPO needs a stochastic sampler: eta must be > 0, got {self.eta}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.clip_range < 0 or self.adv_clip_max <= 0:
+            raise ValueError("clip_range must be >= 0 and adv_clip_max > 0, got "
+                             f"{self.clip_range} and {self.adv_clip_max}")
+
+
+@dataclass
+class Rollout:
+    """Stored samples of one rollout, all detached.
+
+    latents ``[B, T, C, h, w]``: x_i before step i; next_latents ``[B, T, C, h, w]``: x_{i+1};
+    log_probs ``[B, T]``: log π_old(x_{i+1} | x_i) (mean over latent dims); timesteps ``[T]``
+    (model timesteps, descending); final ``[B, C, h, w]``: the sample; pred_x0_steps: per-step x̂0
+    ``[B, T, C, h, w]`` when requested (SDPO), else None.
+    """
+
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    final: torch.Tensor
+    pred_x0_steps: Optional[torch.Tensor] = None
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.log_probs.shape[1])
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        """The rollout restricted to the samples in ``index`` ``[b]``."""
+        px = None if self.pred_x0_steps is None else self.pred_x0_steps[index]
+        return Rollout(self.latents[index], self.next_latents[index], self.log_probs[index],
+                       self.timesteps, self.final[index], px)
+
+
+def ddpo_rollout(denoiser: Denoiser, rule: StepRule, latents: torch.Tensor, eta: float,
+                 generator: Optional[torch.Generator] = None, keep_pred_x0: bool = False) -> Rollout:
+    """Sample under no_grad with a stochastic DDIM step (``eta > 0``), storing what PPO needs."""
+    if not getattr(rule, "stochastic", False) or eta <= 0:
+        raise ValueError("DDPO/SDPO rollouts need the DDIM sampler with eta > 0 "
+                         f"(got {type(rule).__name__}, eta={eta})")
+    with torch.no_grad():
+        out = sample(denoiser, rule, latents, StepPlan.no_grad(rule.num_steps), eta=eta,
+                     generator=generator, keep_trajectory=True, keep_pred_x0=keep_pred_x0)
+    traj = out.trajectory
+    px = torch.stack([p.detach() for p in out.pred_x0_steps], dim=1) if keep_pred_x0 else None
+    return Rollout(traj[:, :-1], traj[:, 1:], out.log_probs, rule.timesteps.clone(),
+                   out.latents.detach(), px)
+
+
+def ddpo_log_prob(denoiser: Denoiser, rule: StepRule, x_t: torch.Tensor, x_next: torch.Tensor,
+                  steps: Union[int, torch.Tensor], eta: float) -> torch.Tensor:
+    """log π_θ(x_next | x_t) with gradient, ``[B]`` (mean over latent dims).
+
+    x_t, x_next ``[B, C, h, w]``. ``steps``: one step index for the whole batch, or ``[B]`` indices,
+    one per sample. With per-sample indices the denoiser is called once with a ``[B]`` timestep
+    tensor, so it must accept per-sample timesteps (a plain diffusers UNet does); the step-rule
+    algebra is then applied per group of equal indices.
+    """
+    if isinstance(steps, int) or (torch.is_tensor(steps) and steps.ndim == 0):
+        i = int(steps)
+        out = denoiser(rule.scale_model_input(x_t, i), rule.timesteps[i])
+        eps, x0 = rule.split_output(out, x_t, i)
+        return rule.step_log_prob(x_t, eps, x0, i, x_next, eta)
+    steps = steps.long().cpu()
+    if steps.shape != (x_t.shape[0],):
+        raise ValueError(f"steps must be an int or a [B] tensor with B={x_t.shape[0]}, got {tuple(steps.shape)}")
+    uniq = torch.unique(steps).tolist()
+    if len(uniq) == 1:
+        return ddpo_log_prob(denoiser, rule, x_t, x_next, int(uniq[0]), eta)
+    x_in = torch.empty_like(x_t)
+    rows = {i: (steps == i).nonzero().flatten().to(x_t.device) for i in uniq}
+    for i, r in rows.items():
+        x_in[r] = rule.scale_model_input(x_t[r], i)
+    out = denoiser(x_in, rule.timesteps[steps].to(x_t.device))
+    log_prob = x_t.new_empty(x_t.shape[0])
+    parts = []
+    for i, r in rows.items():
+        eps, x0 = rule.split_output(out[r], x_t[r], i)
+        parts.append((r, rule.step_log_prob(x_t[r], eps, x0, i, x_next[r], eta)))
+    # index_put keeps the graph of every group's log-prob
+    for r, lp in parts:
+        log_prob = log_prob.index_put((r,), lp)
+    return log_prob
+
+
+def ppo_clip_loss(log_prob_new: torch.Tensor, log_prob_old: torch.Tensor, advantages: torch.Tensor,
+                  clip_range: float, adv_clip_max: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """PPO-clip surrogate, all inputs ``[B]``. Returns (loss, metrics).
+
+    L = mean max(−A ρ, −A clip(ρ, 1−ε, 1+ε)), A clipped to ±adv_clip_max, ρ = exp(new − old).
+    Metrics: approx_kl = ½ mean (new − old)² (the reference implementation's estimator), clipfrac =
+    fraction with |ρ − 1| > ε, adv_clipfrac = fraction of advantages that were clipped.
+    """
+    adv = advantages.detach().clamp(-adv_clip_max, adv_clip_max)
+    log_ratio = log_prob_new - log_prob_old.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        metrics = {
+            "loss": loss.detach(),
+            "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
+            "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
+            "adv_clipfrac": (advantages.detach().abs() > adv_clip_max).float().mean(),
+            "ratio_mean": ratio.detach().mean(),
+        }
+    return loss, metrics
+
+
+def select_timesteps(num_steps: int, timestep_fraction: float, batch_size: int,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Per sample, a random order of ``max(1, int(T·timestep_fraction))`` distinct step indices.
+
+    Returns ``[batch_size, K]`` long (CPU). DDPO trains each sample on its own random subset.
+    """
+    if not 0 < timestep_fraction <= 1:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
+    k = max(1, int(num_steps * timestep_fraction))
+    keys = torch.rand(batch_size, num_steps, generator=generator)
+    return keys.argsort(dim=1)[:, :k]
+
+
+@dataclass
+class TrainMinibatch:
+    """indices ``[b]`` into the stored samples; steps ``[b, K]`` the step order of each sample."""
+
+    indices: torch.Tensor
+    steps: torch.Tensor
+
+
+def iter_train_minibatches(num_samples: int, train_batch_size: int, num_steps: int,
+                           timestep_fraction: float, generator: Optional[torch.Generator] = None,
+                           shared_timesteps: bool = False) -> Iterator[TrainMinibatch]:
+    """One inner epoch: shuffle the samples into train batches and draw each sample's step order.
+
+    ``shared_timesteps``: one order per train batch (all samples at the same step in each call),
+    for denoisers that accept only a scalar timestep.
+    """
+    if train_batch_size < 1 or num_samples % train_batch_size:
+        raise ValueError(f"the number of samples per epoch ({num_samples}) must be a multiple of "
+                         f"train_batch_size ({train_batch_size})")
+    perm = torch.randperm(num_samples, generator=generator)
+    for start in range(0, num_samples, train_batch_size):
+        idx = perm[start:start + train_batch_size]
+        if shared_timesteps:
+            steps = select_timesteps(num_steps, timestep_fraction, 1, generator).expand(len(idx), -1)
+        else:
+            steps = select_timesteps(num_steps, timestep_fraction, len(idx), generator)
+        yield TrainMinibatch(idx, steps)
+
+
+def gather_steps(per_step: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``per_step[b, steps[b]]`` for a ``[B, T, ...]`` tensor and ``[B]`` indices → ``[B, ...]``."""
+    rows = torch.arange(per_step.shape[0], device=per_step.device)
+    return per_step[rows, steps.to(per_step.device)]
+
+
+def ddpo_step_loss(denoiser: Denoiser, rule: StepRule, rollout: Rollout, advantages: torch.Tensor,
+                   steps: torch.Tensor, cfg: DDPOConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """PPO-clip loss of one train batch at one position of its step order.
+
+    ``rollout``: the train batch's stored samples (``Rollout.select``); ``advantages`` ``[b]``;
+    ``steps`` ``[b]`` step indices (column j of :attr:`TrainMinibatch.steps`); ``denoiser`` built for
+    the train batch's prompts with the sampling guidance scale.
+    """
+    x_t = gather_steps(rollout.latents, steps)
+    x_next = gather_steps(rollout.next_latents, steps)
+    old = gather_steps(rollout.log_probs, steps)
+    new = ddpo_log_prob(denoiser, rule, x_t, x_next, steps, cfg.eta)
+    return ppo_clip_loss(new, old, advantages, cfg.clip_range, cfg.adv_clip_max)
