@@ -1,3 +1,3 @@
 """Reward models: a registry of factories, each returning a :class:`~.base.Reward`."""
-from .base import REWARDS, Reward, build_reward, register_reward  # noqa: F401
-from . import builtin  # noqa: F401  (registers the built-in rewards)
+from .base import REWARDS, Reward, build_reward, check_reward_output, register_reward, require_differentiable  # noqa: F401
+from . import aesthetic, builtin, clip, jpeg, weighted  # noqa: F401  (register the rewards)

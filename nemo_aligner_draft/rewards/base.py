@@ -10,6 +10,7 @@ plain callable ``(images, prompts) -> [B]``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -19,10 +20,33 @@ REWARDS: Dict[str, Callable[..., "Reward"]] = {}
 
 
 class Reward(torch.nn.Module):
-    """Base class. Subclasses implement ``forward(images, prompts) -> [B]``."""
+    """Base class. Subclasses implement ``forward(images, prompts) -> [B]``.
+
+    ``fp32 = True`` runs the reward in float32 even under a bf16/fp16 autocast region: autocast is
+    switched off inside, the images are cast to float32 and parameters that a ``bf16-true`` trainer
+    cast down are cast back up (NeMo-Aligner scores its reward model in fp32 the same way). A tensor
+    output comes back as float32 either way.
+    """
 
     differentiable: bool = True
     name: str = "reward"
+    fp32: bool = False
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], *args, **kwargs) -> torch.Tensor:
+        with self.precision_scope():
+            r = super().__call__(self.cast_input(images), prompts, *args, **kwargs)
+        return r.float() if torch.is_tensor(r) else r  # non-tensors are left for check_reward_output
+
+    def cast_input(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() if self.fp32 else images
+
+    def precision_scope(self):
+        """Context for running the reward: autocast off and fp32 parameters when ``self.fp32``."""
+        if not self.fp32:
+            return contextlib.nullcontext()
+        if any(p.dtype != torch.float32 for p in self.parameters() if p.is_floating_point()):
+            self.float()
+        return _autocast_off()
 
     def freeze(self) -> "Reward":
         self.requires_grad_(False)
@@ -48,6 +72,27 @@ class CallableReward(Reward):
 
     def forward(self, images, prompts):
         return self.fn(images, prompts)
+
+
+@contextlib.contextmanager
+def _autocast_off():
+    # Both device types: a reward on CPU can run inside a CUDA autocast region and vice versa.
+    with torch.autocast(device_type="cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast(device_type="cuda", enabled=False):
+                yield
+        else:
+            yield
+
+
+def require_differentiable(reward: Reward, method_name: str) -> Reward:
+    """Raise if ``reward`` cannot be back-propagated through (e.g. JPEG size) for a gradient method."""
+    if not getattr(reward, "differentiable", True):
+        raise ValueError(
+            f"reward {getattr(reward, 'name', type(reward).__name__)!r} is not differentiable, but "
+            f"{method_name} back-propagates the reward into the sampler; use it with a policy-gradient "
+            f"method (DDPO) or pick a differentiable reward")
+    return reward
 
 
 def register_reward(name: str):
@@ -78,8 +123,10 @@ def resolve_factory(name: str) -> Callable[..., Reward]:
                      f"or give 'package.module:callable'")
 
 
-def build_reward(name: str, path: Optional[str] = None, **kwargs) -> Reward:
-    """Build a frozen reward. ``path`` is the local weights path (``rm.model.restore_from_path``)."""
+def build_reward(name: str, path: Optional[str] = None, fp32: bool = False, **kwargs) -> Reward:
+    """Build a frozen reward. ``path`` is the local weights path (``rm.model.restore_from_path``);
+    ``fp32`` forces float32 scoring under autocast (see :class:`Reward`); other keyword arguments go
+    to the factory."""
     factory = resolve_factory(name)
     if path is not None:
         kwargs["path"] = path
@@ -90,6 +137,8 @@ def build_reward(name: str, path: Optional[str] = None, **kwargs) -> Reward:
         reward = CallableReward(reward, name=name)
     if reward.name == "reward":
         reward.name = name
+    if fp32:
+        reward.fp32 = True
     return reward.freeze()
 
 
