@@ -23,9 +23,10 @@ class Reward(torch.nn.Module):
     """Base class. Subclasses implement ``forward(images, prompts) -> [B]``.
 
     ``fp32 = True`` runs the reward in float32 even under a bf16/fp16 autocast region: autocast is
-    switched off inside, the images are cast to float32 and parameters that a ``bf16-true`` trainer
-    cast down are cast back up (NeMo-Aligner scores its reward model in fp32 the same way). A tensor
-    output comes back as float32 either way.
+    switched off inside and the images are cast to float32 (NeMo-Aligner scores its reward model in
+    fp32 the same way). Its parameters are pinned to float32 too: a dtype cast applied from outside
+    (``module.to(torch.bfloat16)`` by a ``bf16-true`` trainer) is ignored, device moves still apply.
+    A tensor output comes back in at least float32 either way.
     """
 
     differentiable: bool = True
@@ -35,17 +36,30 @@ class Reward(torch.nn.Module):
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], *args, **kwargs) -> torch.Tensor:
         with self.precision_scope():
             r = super().__call__(self.cast_input(images), prompts, *args, **kwargs)
-        return r.float() if torch.is_tensor(r) else r  # non-tensors are left for check_reward_output
+        return _at_least_fp32(r) if torch.is_tensor(r) else r  # non-tensors are left for check_reward_output
+
+    def _apply(self, fn, recurse=True):
+        if not self.fp32:
+            return super()._apply(fn, recurse)
+
+        def keep_dtype(t):
+            # fn is opaque (.to/.cuda/.bfloat16 closures): probe it on a scalar to see if it casts.
+            if not t.is_floating_point():
+                return fn(t)
+            probe = fn(torch.zeros((), dtype=t.dtype, device=t.device))
+            return fn(t) if probe.dtype == t.dtype else t.to(device=probe.device)
+
+        return super()._apply(keep_dtype, recurse)
 
     def cast_input(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float() if self.fp32 else images
+        return _at_least_fp32(images) if self.fp32 else images
 
     def precision_scope(self):
         """Context for running the reward: autocast off and fp32 parameters when ``self.fp32``."""
         if not self.fp32:
             return contextlib.nullcontext()
         if any(p.dtype != torch.float32 for p in self.parameters() if p.is_floating_point()):
-            self.float()
+            self.float()  # fp32 was switched on after a cast: best effort
         return _autocast_off()
 
     def freeze(self) -> "Reward":
@@ -72,6 +86,11 @@ class CallableReward(Reward):
 
     def forward(self, images, prompts):
         return self.fn(images, prompts)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half precisions → float32; float64 (gradient checks) stays float64."""
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import Reward, register_reward
+from .base import Reward, _at_least_fp32, register_reward
 from .preprocess import ClipPreprocess, config_from_hf_image_processor, config_from_open_clip
 
 
@@ -102,19 +102,22 @@ class OpenClipEncoder(ClipEncoder):
 
 def load_hf_clip(path: str, reward: str, processor_path: Optional[str] = None) -> HFClipEncoder:
     """Load a Hugging Face ``CLIPModel`` directory (config.json + weights) and its processor files
-    (tokenizer + preprocessor_config.json; from ``processor_path`` when they live elsewhere, as for
+    (tokenizer + preprocessor_config.json or transformers 5's processor_config.json; from ``processor_path`` when they live elsewhere, as for
     PickScore whose processor is the laion ViT-H-14 one)."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     path = require_path(path, reward, "a Hugging Face CLIPModel directory (config.json + weights)", "dir")
     proc_dir = require_path(processor_path or path, reward,
                             "a directory with the CLIP tokenizer and preprocessor_config.json", "dir")
-    if not os.path.isfile(os.path.join(proc_dir, "preprocessor_config.json")):
-        raise FileNotFoundError(f"reward {reward!r}: no preprocessor_config.json in {proc_dir!r}; save the model's "
-                                f"CLIPProcessor there or pass processor_path")
     model = CLIPModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    tokenizer = CLIPTokenizer.from_pretrained(proc_dir, local_files_only=True)
-    image_proc = CLIPImageProcessor.from_pretrained(proc_dir, local_files_only=True)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(proc_dir, local_files_only=True)
+        image_proc = CLIPImageProcessor.from_pretrained(proc_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"reward {reward!r}: no CLIP processor in {proc_dir!r} (expected the tokenizer files and "
+            f"preprocessor_config.json or processor_config.json, as CLIPProcessor.save_pretrained writes them); "
+            f"pass processor_path if they live elsewhere. Cause: {e}") from e
     preprocess = ClipPreprocess(config_from_hf_image_processor(image_proc))
     max_length = min(int(model.config.text_config.max_position_embeddings), 77)
     return HFClipEncoder(model, tokenizer, preprocess, max_length=max_length)
@@ -173,10 +176,10 @@ class ClipCosineReward(Reward):
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts")
-        img = F.normalize(self.encoder.encode_images(images).float(), dim=-1)
-        txt = F.normalize(self.encoder.encode_text(prompts).float(), dim=-1)
-        cos = (img * txt).sum(dim=-1)
-        scale = self.encoder.logit_scale.float().exp() if self.use_logit_scale else self.scale
+        img = F.normalize(_at_least_fp32(self.encoder.encode_images(images)), dim=-1)
+        txt = F.normalize(_at_least_fp32(self.encoder.encode_text(prompts)), dim=-1)
+        cos = (img * txt.to(img.dtype)).sum(dim=-1)
+        scale = _at_least_fp32(self.encoder.logit_scale).exp() if self.use_logit_scale else self.scale
         return scale * cos
 
 

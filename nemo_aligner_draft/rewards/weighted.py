@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .base import Reward, build_reward, register_reward
+from .base import Reward, _at_least_fp32, build_reward, register_reward
 
 _COMPONENT_KEYS = {"name", "weight", "path", "kwargs", "label", "fp32"}
 
@@ -37,7 +37,7 @@ class WeightedSum(Reward):
         weighted sum's parts appear as ``label/part``)."""
         with self.precision_scope():
             total, parts = self._score(self.cast_input(images), prompts)
-        return total.float(), parts
+        return _at_least_fp32(total), parts
 
     def _score(self, images, prompts):
         total, parts = None, {}
