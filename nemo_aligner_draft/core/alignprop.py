@@ -126,6 +126,10 @@ def alignprop_objective(
 
     ``generator`` draws the sampler's eta-noise; ``cut_generator`` (a CPU generator) the truncation
     cuts (the global RNG when None). ``reference`` is used only when ``cfg.kl_coeff > 0``.
+
+    With ``per_step`` truncation every UNet output may be detached (probability ∏_i P(c_i > i),
+    e.g. 3.8 % for T = 4 over 0…T); the loss then carries no gradient (``loss.requires_grad`` is
+    False, ``metrics["grad_steps"] == 0``) and the caller should skip the backward pass.
     """
     plan = alignprop_plan(cfg, rule.num_steps, cut_generator)
     ref = reference if cfg.kl_coeff else None
