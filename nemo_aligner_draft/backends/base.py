@@ -3,7 +3,7 @@
 A backend owns the diffusers modules and answers five verbs: ``encode_prompts``, ``denoiser``
 (a CFG-combined UNet call), ``decode``, ``step_rule`` and ``reference``. SDXL
 (:mod:`.sdxl`) differs only in how prompts become UNet conditioning and in its default sampler, so it
-overrides ``_encode`` and nothing else.
+overrides ``_encode`` / ``_encode_uncond`` and its loader, nothing else.
 """
 from __future__ import annotations
 
@@ -71,8 +71,13 @@ class DiffusionBackend:
         # The VAE encoder is never used by reward fine-tuning: do not keep it in memory.
         if getattr(self.vae, "encoder", None) is not None:
             self.vae.encoder = None
-        for m in [vae, *self.text_encoders]:
+        for m in self.text_encoders:
             m.to(dtype=frozen_dtype)
+        self.vae.to(dtype=self._vae_dtype(frozen_dtype))
+
+    def _vae_dtype(self, frozen_dtype: torch.dtype) -> torch.dtype:
+        """dtype the VAE is stored and run in (SDXL keeps it in fp32 where its config asks)."""
+        return frozen_dtype
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -107,8 +112,12 @@ class DiffusionBackend:
         prompts = list(prompts)
         cond = self._encode(prompts)
         if self._uncond_cache is None:
-            self._uncond_cache = self._encode([""])
+            self._uncond_cache = self._encode_uncond()
         return Conditioning(cond=cond, uncond=_expand(self._uncond_cache, len(prompts)))
+
+    def _encode_uncond(self) -> Dict:
+        """UNet kwargs of the unconditional branch for one sample: the empty prompt's encoding."""
+        return self._encode([""])
 
     # ----------------------------------------------------------------- UNet
     @property
@@ -158,6 +167,14 @@ class DiffusionBackend:
         self.reference_model = ReferenceModel(self.unet, use_adapters=use_adapters)
         return self.reference_model
 
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute the UNet blocks' activations in backward instead of storing them (diffusers'
+        gradient checkpointing); only active while autograd records, so no_grad steps cost nothing."""
+        if on:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+
     def step_rule(self, num_steps: int, sampler: Optional[str] = None) -> StepRule:
         return build_step_rule(self.scheduler, num_steps, sampler or self.default_sampler)
 
@@ -174,7 +191,7 @@ class DiffusionBackend:
         z = latents / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
-        z = z.to(self.frozen_dtype)
+        z = z.to(self.vae.dtype)  # frozen_dtype, or fp32 where a backend keeps the VAE upcast
         chunks = z.split(batch_size or z.shape[0])
         images = torch.cat([self.vae.decode(c).sample for c in chunks])
         return (images.float() / 2 + 0.5).clamp(0, 1)
