@@ -145,7 +145,8 @@ class DiffusionBackend:
         def fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if w == 1.0:
                 return net(x_in, t, **kwargs).sample
-            out = net(torch.cat([x_in, x_in]), t, **kwargs).sample
+            t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t  # per-sample steps (DDPO)
+            out = net(torch.cat([x_in, x_in]), t2, **kwargs).sample
             out_u, out_c = out.chunk(2)
             return out_u + w * (out_c - out_u)
 

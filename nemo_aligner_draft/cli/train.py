@@ -1,0 +1,263 @@
+"""Training entry point (``examples/mm/stable_diffusion/train_sd_draftp.py`` and ``nad-train``).
+
+Usage, as NeMo-Aligner::
+
+    python examples/mm/stable_diffusion/train_sd_draftp.py --config-path=conf --config-name=draftp_sd \
+        model.pretrained=/models/sd15 rm.model.restore_from_path=/models/pickscore trainer.devices=8
+
+Order of work: compose (Hydra overrides) → validate every key → check every path and load the
+prompts → build the reward and the model → only then create the run directory (exp_manager) and
+train. Bad input therefore exits with one message and leaves no run directory behind.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+REPO_CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+EXIT_BAD_INPUT = 2
+
+log = logging.getLogger("nemo_aligner_draft")
+
+
+def compose(config_path: str, config_name: str, overrides: List[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    config_dir = os.path.abspath(config_path)
+    if not os.path.isdir(config_dir):
+        raise FileNotFoundError(f"--config-path: {config_path!r} is not a directory")
+    if not os.path.isfile(os.path.join(config_dir, config_name + ".yaml")) and not os.path.isfile(os.path.join(config_dir, config_name)):
+        raise FileNotFoundError(f"--config-name: no {config_name}.yaml in {config_dir}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        return hydra_compose(config_name=config_name.removesuffix(".yaml"), overrides=list(overrides))
+
+
+def parse_args(argv: Optional[List[str]] = None, default_config: str = "draftp_sd"):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--config-path", "-cp", default=REPO_CONF)
+    p.add_argument("--config-name", "-cn", default=default_config)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
+    return p.parse_args(argv)
+
+
+def preflight(cfg) -> dict:
+    """Check paths and inputs; return the loaded prompts and reward. Raises with key-named messages."""
+    from ..backends.base import detect_family
+    from ..data.prompts import load_prompts
+    from ..rewards.base import Reward
+
+    m = cfg.model
+    detect_family(m.pretrained)  # raises FileNotFoundError naming model.pretrained
+    train = load_prompts(m.data.train.dataset_path, "model.data.train.dataset_path", m.data.max_prompt_chars)
+    val = None
+    if m.data.validation.dataset_path:
+        val = load_prompts(m.data.validation.dataset_path, "model.data.validation.dataset_path", m.data.max_prompt_chars)
+    reward = build_reward_from_config(cfg.rm)
+    if not reward.differentiable and m.algorithm in ("draftp", "alignprop"):
+        raise ValueError(f"rm.name: reward {reward.name!r} is not differentiable; model.algorithm={m.algorithm} "
+                         f"backpropagates through the reward (use ddpo or sdpo, or a differentiable reward)")
+    assert isinstance(reward, Reward)
+    return {"train": train, "val": val, "reward": reward}
+
+
+def build_reward_from_config(rm):
+    from ..rewards import build_reward
+
+    path = rm.model.restore_from_path
+    if path is not None and not os.path.exists(path):
+        raise FileNotFoundError(f"rm.model.restore_from_path: {path!r} does not exist")
+    kwargs = dict(rm.kwargs)
+    if rm.name == "weighted_sum":
+        kwargs["components"] = [
+            {"name": c.name, "weight": c.weight, "path": c.model.restore_from_path, "kwargs": dict(c.kwargs)}
+            for c in rm.components
+        ]
+        for i, c in enumerate(rm.components):
+            if c.model.restore_from_path is not None and not os.path.exists(c.model.restore_from_path):
+                raise FileNotFoundError(f"rm.components[{i}].model.restore_from_path: "
+                                        f"{c.model.restore_from_path!r} does not exist")
+    # rm.fp32 is applied by the model around every reward call (AlignmentModel.score)
+    return build_reward(rm.name, path=path, **kwargs)
+
+
+def model_class(algorithm: str):
+    if algorithm in ("draftp", "alignprop"):
+        from ..models.draftp import DraftPlusModel
+
+        return DraftPlusModel
+    if algorithm in ("ddpo", "sdpo"):
+        from ..models.policy_gradient import PolicyGradientModel
+
+        return PolicyGradientModel
+    raise ValueError(f"model.algorithm: unknown {algorithm!r}")
+
+
+def build_trainer(cfg, max_steps: int, accumulation: int):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from ..models.checkpoint_io import AtomicCheckpointIO
+
+    t, loop = cfg.trainer, cfg.loop
+    accelerator = "gpu" if t.accelerator == "cuda" else t.accelerator
+    strategy = t.strategy
+    import torch
+
+    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    backend = "nccl" if on_gpu else "gloo"
+    if strategy == "ddp":
+        strategy = DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
+    elif strategy == "fsdp":
+        strategy = FSDPStrategy(process_group_backend=backend)
+    elif strategy == "auto" and (_world(t) > 1):
+        strategy = DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
+    val_every = loop.val_check_interval * accumulation if loop.val_check_interval > 0 else None
+    precision = t.precision if str(t.precision) != "32" else "32-true"
+    return Trainer(
+        accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision=precision,
+        max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+        use_distributed_sampler=False, val_check_interval=val_every, check_val_every_n_epoch=None,
+        limit_val_batches=loop.limit_val_batches if val_every else 0, num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps, plugins=[AtomicCheckpointIO()], enable_model_summary=False,
+    )
+
+
+def _world(t) -> int:
+    d = t.devices
+    return (d if isinstance(d, int) and d > 0 else 1) * t.num_nodes
+
+
+def exp_manager_config(cfg, monitor: str) -> dict:
+    e, loop = cfg.exp_manager, cfg.loop
+    ckpt = e.checkpoint_callback_params
+    return {
+        "explicit_log_dir": e.explicit_log_dir,
+        "exp_dir": e.exp_dir,
+        "name": e.name or cfg.name,
+        "use_datetime_version": False,
+        "create_wandb_logger": e.create_wandb_logger,
+        "wandb_logger_kwargs": {"name": e.name or cfg.name, "project": cfg.name} if e.create_wandb_logger else None,
+        "create_tensorboard_logger": e.create_tensorboard_logger,
+        "resume_if_exists": e.resume_if_exists,
+        "resume_ignore_no_checkpoint": True,
+        "log_step_timing": False,
+        "log_tflops_per_sec_per_gpu": False,
+        "create_preemption_callback": False,
+        "seconds_to_sleep": 0,
+        "checkpoint_callback_params": {
+            "monitor": monitor,
+            "mode": "min" if monitor == "train_loss" else "max",
+            "save_top_k": ckpt.save_top_k,
+            "save_last": ckpt.save_last,
+            "filename": ckpt.filename,
+            "auto_insert_metric_name": False,
+            "every_n_train_steps": loop.save_interval if loop.save_interval > 0 else None,
+            "every_n_epochs": 0,
+            "save_on_train_epoch_end": False,
+            "always_save_nemo": False,
+            "save_nemo_on_train_end": True,
+        },
+        "ema": {"enable": e.ema.enable, "decay": e.ema.decay},
+    }
+
+
+def run(cfg, dict_cfg) -> str:
+    """Train from a validated config; returns the run directory."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ..models.base import effective_max_steps
+    from ..models.callbacks import TrainingReport
+
+    inputs = preflight(cfg)
+    torch.manual_seed(cfg.model.seed)
+    world = _world(cfg.trainer)
+    accumulation = max(cfg.model.global_batch_size // (cfg.model.micro_batch_size * world), 1)
+    max_steps = effective_max_steps(cfg.loop, cfg.trainer.max_steps, len(inputs["train"]), cfg.model.global_batch_size)
+    cls = model_class(cfg.model.algorithm)
+    model = cls(cfg=OmegaConf.create(OmegaConf.to_container(dict_cfg.model, resolve=True)), trainer=None,
+                loop=cfg.loop, reward=inputs["reward"], train_prompts=inputs["train"], val_prompts=inputs["val"],
+                precision=cfg.trainer.precision)
+    model.reward_fp32 = cfg.rm.fp32
+    attach_diversity(model)
+    trainer = build_trainer(cfg, max_steps, accumulation)
+    from nemo.utils.exp_manager import exp_manager
+
+    log_dir = str(exp_manager(trainer, exp_manager_config(cfg, "train_loss")))
+    trainer.callbacks.append(TrainingReport(log_dir))
+    with open(os.path.join(log_dir, "config.yaml.tmp"), "w") as f:
+        f.write(OmegaConf.to_yaml(dict_cfg))
+    os.replace(os.path.join(log_dir, "config.yaml.tmp"), os.path.join(log_dir, "config.yaml"))
+    model.set_trainer(trainer)
+    trainer.fit(model, ckpt_path=getattr(trainer, "ckpt_path", None))
+    if trainer.is_global_zero and cfg.model.peft.peft_scheme != "none":
+        from ..export.lora import export_lora
+
+        export_lora(model.unet, os.path.join(log_dir, "export"), family=model.backend.family)
+    return log_dir
+
+
+def attach_diversity(model) -> None:
+    """Validation diversity, when the reward offers an image embedding (embedded model) or LPIPS is set up."""
+    embed = getattr(model.reward, "image_embedding", None)
+    if callable(embed):
+        def diversity(images):
+            import torch
+
+            with torch.no_grad():
+                e = torch.nn.functional.normalize(embed(images.to(model.device)).float(), dim=-1)
+            n = e.shape[0]
+            if n < 2:
+                return float("nan")
+            sim = e @ e.T
+            return float((1 - sim)[~torch.eye(n, dtype=torch.bool)].mean())
+
+        model.diversity_fn = diversity
+
+
+def main(argv: Optional[List[str]] = None, default_config: str = "draftp_sd") -> int:
+    from ..config import ConfigError, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv, default_config)
+    try:
+        dict_cfg = compose(args.config_path, args.config_name, args.overrides)
+        cfg = load_config(dict_cfg)
+        preflight_only = os.environ.get("NAD_PREFLIGHT_ONLY") == "1"
+        if preflight_only:
+            preflight(cfg)
+            print("configuration and inputs OK")
+            return 0
+        log_dir = run(cfg, dict_cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, ValueError, TypeError, PermissionError) as e:
+        if _is_user_input_error(e):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+    except Exception as e:  # Hydra's own override errors
+        if type(e).__module__.startswith(("hydra", "omegaconf")):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+    print(f"run directory: {log_dir}")
+    return 0
+
+
+def _is_user_input_error(e: Exception) -> bool:
+    """Errors we raise for bad input name a config key or path; anything else is a bug: re-raise."""
+    text = str(e)
+    return any(text.startswith(p) for p in ("model.", "rm.", "trainer.", "exp_manager.", "--config", "checkpoint")) \
+        or isinstance(e, FileNotFoundError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

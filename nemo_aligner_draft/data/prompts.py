@@ -1,0 +1,102 @@
+"""Prompt sources: ``.txt`` (one prompt per line), ``.jsonl`` (a ``"prompt"`` field per line) or
+``builtin:<name>`` (prompt sets shipped with the package).
+
+Policy: blank lines and over-long lines are errors reported with their line numbers — a prompt file
+with holes is more likely a broken export than an intention. The CLIP tokenizer still truncates
+each prompt to 77 tokens; ``max_prompt_chars`` only guards against garbage lines.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, List
+
+BUILTIN_PROMPTS: Dict[str, Callable[[], List[str]]] = {}
+
+
+def register_prompts(name: str):
+    def deco(fn):
+        BUILTIN_PROMPTS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_prompts("animals")
+def _animals() -> List[str]:
+    animals = ["cat", "dog", "horse", "rabbit", "fox", "owl", "turtle", "deer", "bear", "duck", "frog", "goat"]
+    return [f"a photo of a {a}" for a in animals]
+
+
+def _line_ranges(numbers: List[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:10])
+    return shown + (f" and {len(numbers) - 10} more" if len(numbers) > 10 else "")
+
+
+def load_prompts(path: str, key: str = "model.data.train.dataset_path", max_chars: int = 1000) -> List[str]:
+    """Read prompts; raise ValueError/FileNotFoundError naming ``key`` and ``path`` on bad input."""
+    if path.startswith("builtin:"):
+        name = path[len("builtin:"):]
+        _load_builtin_sets()
+        if name not in BUILTIN_PROMPTS:
+            raise ValueError(f"{key}: unknown built-in prompt set {name!r}; known: {sorted(BUILTIN_PROMPTS)}")
+        return list(BUILTIN_PROMPTS[name]())
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}: prompt file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{key}: cannot read prompt file {path!r}: {e}") from e
+    while lines and not lines[-1].strip():  # a trailing newline is not a blank prompt
+        lines.pop()
+    prompts, blank, long_ = [], [], []
+    for n, line in enumerate(lines, start=1):
+        if path.endswith(".jsonl"):
+            try:
+                obj = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{key}: {path}:{n}: not valid JSON ({e.msg})") from e
+            if obj is not None and (not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str)):
+                raise ValueError(f"{key}: {path}:{n}: expected an object with a string field \"prompt\"")
+            line = obj["prompt"] if obj is not None else ""
+        text = line.strip()
+        if not text:
+            blank.append(n)
+        elif len(text) > max_chars:
+            long_.append(n)
+        prompts.append(text)
+    problems = []
+    if blank:
+        problems.append(f"blank prompt on line(s) {_line_ranges(blank)}")
+    if long_:
+        problems.append(f"prompt longer than model.data.max_prompt_chars={max_chars} on line(s) {_line_ranges(long_)}")
+    if problems:
+        raise ValueError(f"{key}: {path}: " + "; ".join(problems))
+    if not prompts:
+        raise ValueError(f"{key}: prompt file {path!r} is empty")
+    return prompts
+
+
+def _load_builtin_sets() -> None:
+    try:  # the embedded domain registers its prompt splits when present
+        from ..embedded import prompts as _  # noqa: F401
+    except ImportError:
+        pass
+
+
+class PromptDataset:
+    """Map-style dataset of prompts; item i is ``{"prompt": str, "index": i}``."""
+
+    def __init__(self, prompts: List[str]):
+        self.prompts = list(prompts)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> Dict:
+        return {"prompt": self.prompts[i], "index": i}
+
+
+def collate_prompts(items: List[Dict]) -> Dict:
+    return {"prompt": [it["prompt"] for it in items], "index": [it["index"] for it in items]}

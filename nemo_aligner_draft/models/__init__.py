@@ -1,0 +1,1 @@
+"""NeMo ModelPT (LightningModule) shells: thin, one per algorithm family."""

@@ -1,0 +1,333 @@
+"""The NeMo shell shared by every algorithm: backend, LoRA, reference, optimizer, data, validation,
+NaN guard and resumable state. Algorithms implement only :meth:`AlignmentModel.objective`.
+
+Randomness is stateless: every draw (latents, eta-noise, cuts) comes from a generator seeded by
+``(model.seed, data-parallel rank, round, purpose)``, where a *round* is one micro-batch on every
+rank. A resumed run therefore draws exactly what an uninterrupted one would, without saving RNG
+state, and ranks draw different latents.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import Dict, List, Optional
+
+import torch
+from lightning.pytorch import Trainer
+from nemo.core.classes import ModelPT
+from omegaconf import DictConfig, OmegaConf
+
+from ..backends.base import LORA_TARGETS, DiffusionBackend, load_backend
+from ..config.schema import AlgoLoopConfig, ModelConfig, _build
+from ..data.prompts import PromptDataset, collate_prompts
+from ..data.sampler import PromptSampler
+from ..rewards.base import Reward, check_reward_output
+from . import distributed
+
+
+def typed_model_config(cfg) -> ModelConfig:
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    problems: List[str] = []
+    node = _build(ModelConfig, raw, "model", problems)
+    if problems:
+        from ..config.schema import ConfigError
+
+        raise ConfigError(problems)
+    return node
+
+
+def seeded_generator(*parts) -> torch.Generator:
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).hexdigest()
+    return torch.Generator().manual_seed(int(digest[:15], 16))
+
+
+def frozen_dtype_for(precision) -> torch.dtype:
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+class AlignmentModel(ModelPT):
+    """Base shell. ``cfg`` is the ``model`` section; ``loop`` the algorithm's trainer section."""
+
+    def __init__(self, cfg: DictConfig, trainer: Optional[Trainer] = None, loop: Optional[AlgoLoopConfig] = None,
+                 reward: Optional[Reward] = None, train_prompts: Optional[List[str]] = None,
+                 val_prompts: Optional[List[str]] = None, precision="32"):
+        super().__init__(cfg=cfg, trainer=trainer)
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.mcfg = typed_model_config(cfg)
+        self.loop = loop or AlgoLoopConfig()
+        self.precision_name = str(precision)
+        m = self.mcfg
+        backend = load_backend(m.pretrained, m.family, frozen_dtype_for(precision))
+        self.backend: DiffusionBackend = backend
+        if m.activation_checkpointing and hasattr(backend, "set_activation_checkpointing"):
+            backend.set_activation_checkpointing(True)
+        # registered so Lightning moves them and .nemo archives are self-contained
+        self.unet = backend.unet
+        self.vae = backend.vae
+        self.text_encoders = torch.nn.ModuleList(backend.text_encoders)
+        scheme = m.peft.peft_scheme
+        if scheme == "none":
+            backend.set_full_finetune()
+        else:
+            targets = m.peft.lora_tuning.target_modules or LORA_TARGETS[scheme]
+            backend.add_lora(m.peft.lora_tuning.adapter_dim, m.peft.lora_tuning.network_alpha, targets)
+        backend.setup_reference(use_adapters=scheme != "none")
+        self.reward = reward
+        self.train_prompts = train_prompts
+        self.val_prompts = val_prompts
+        self.consumed_samples = 0
+        self.nan_skipped_steps = 0
+        self._consecutive_bad = 0
+        self._step_start = None
+        self.val_outputs: List[Dict] = []
+
+    # ------------------------------------------------------------------ NeMo plumbing
+    @classmethod
+    def list_available_models(cls):
+        return None
+
+    def setup_training_data(self, train_data_config):  # data comes from model.data via train_dataloader
+        pass
+
+    def setup_validation_data(self, val_data_config):
+        pass
+
+    # ------------------------------------------------------------------ distributed
+    def setup(self, stage: str) -> None:
+        distributed.initialize()
+        ref = self.backend.reference_model
+        if ref is not None and ref.frozen is not None:
+            ref.frozen.to(self.device)
+
+    def teardown(self, stage: str) -> None:
+        distributed.finalize()
+
+    @property
+    def dp_rank(self) -> int:
+        return distributed.data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return distributed.data_parallel_size()
+
+    @property
+    def round_size(self) -> int:
+        return self.mcfg.micro_batch_size * self.dp_size
+
+    @property
+    def accumulation(self) -> int:
+        return max(self.mcfg.global_batch_size // self.round_size, 1)
+
+    def generator(self, round_idx: int, purpose: str) -> torch.Generator:
+        return seeded_generator(self.mcfg.seed, self.dp_rank, round_idx, purpose)
+
+    # ------------------------------------------------------------------ data
+    def train_dataloader(self):
+        ds = PromptDataset(self.train_prompts)
+        sampler = PromptSampler(len(ds), self.mcfg.micro_batch_size, self.dp_rank, self.dp_size, self.mcfg.seed,
+                                consumed_samples=lambda: self.consumed_samples,
+                                length=self._planned_micro_batches())
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_prompts, num_workers=0)
+
+    def _planned_micro_batches(self) -> int:
+        trainer = getattr(self, "_trainer", None)
+        max_steps = trainer.max_steps if trainer is not None else -1
+        return max_steps * self.accumulation if max_steps and max_steps > 0 else 2**62
+
+    def val_dataloader(self):
+        prompts = self.val_prompts or self.train_prompts
+        n = min(len(prompts), self.loop.limit_val_batches * self.mcfg.micro_batch_size)
+        ds = PromptDataset(prompts[:n])
+        return torch.utils.data.DataLoader(ds, batch_size=self.mcfg.micro_batch_size, shuffle=False,
+                                           collate_fn=collate_prompts, num_workers=0)
+
+    # ------------------------------------------------------------------ rewards
+    def score(self, images: torch.Tensor, prompts: List[str]):
+        """Reward ``[B]`` plus its parts; fp32 and outside autocast when rm.fp32 is set."""
+        if self.reward is None:
+            raise RuntimeError("no reward model attached")
+        self.reward.to(images.device)
+        if getattr(self, "reward_fp32", False):
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                total, parts = self.reward.score_with_parts(images.float(), prompts)
+        else:
+            total, parts = self.reward.score_with_parts(images, prompts)
+        check_reward_output(total, images.shape[0], self.reward.name)
+        return total.float(), parts
+
+    # ------------------------------------------------------------------ sampling helpers
+    def sampling_setup(self, prompts: List[str], round_idx: int, purpose: str):
+        inf = self.mcfg.infer
+        rule = self.backend.step_rule(inf.inference_steps, None if inf.sampler == "default" else inf.sampler)
+        g = self.generator(round_idx, purpose)
+        if hasattr(self.backend, "set_resolution"):
+            self.backend.set_resolution(inf.height, inf.width)
+        cond = self.backend.encode_prompts(prompts)
+        latents = self.backend.initial_latents(len(prompts), inf.height, inf.width, rule, generator=g)
+        return rule, cond, latents, g
+
+    def decode(self, latents):
+        return self.backend.decode(latents, self.mcfg.infer.vae_batch_size)
+
+    # ------------------------------------------------------------------ training
+    def objective(self, prompts: List[str], round_idx: int):
+        """Return (loss, metrics dict of scalars). Implemented per algorithm."""
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        params = self.backend.trainable_parameters()
+        o = self.mcfg.optim
+        opt = None
+        if o.name == "fused_adam":
+            try:
+                from apex.optimizers import FusedAdam
+
+                opt = FusedAdam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, adam_w_mode=True)
+            except ImportError:
+                opt = None  # apex is optional: same math in torch
+        if opt is None:
+            cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+            opt = cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        warmup = o.sched.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._step_start is None:
+            self._step_start = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        prompts = batch["prompt"]
+        round_idx = self.consumed_samples // self.round_size
+        loss, metrics = self.objective(prompts, round_idx)
+        self.consumed_samples += self.round_size
+        ok = bool(torch.isfinite(loss))
+        if ok:
+            self.manual_backward(loss / self.accumulation)
+        else:
+            self._window_bad = True
+        if (round_idx + 1) % self.accumulation:
+            return loss.detach()
+        self._finish_accumulation_window(metrics)
+        return loss.detach()
+
+    def _finish_accumulation_window(self, metrics: Dict):
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        params = self.backend.trainable_parameters()
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else torch.zeros(())
+        bad = getattr(self, "_window_bad", False) or not bool(torch.isfinite(grad_norm))
+        self._window_bad = False
+        if bad:
+            opt.zero_grad(set_to_none=True)
+            self.nan_skipped_steps += 1
+            self._consecutive_bad += 1
+            self.log("nan_skipped_steps", float(self.nan_skipped_steps), prog_bar=True)
+            if self._consecutive_bad >= self.mcfg.nan_tolerance:
+                raise FloatingPointError(
+                    f"{self._consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                    f"(model.nan_tolerance={self.mcfg.nan_tolerance}); stopping. Weights and optimizer "
+                    f"state are those of the last finite step.")
+            return
+        self._consecutive_bad = 0
+        if self.loop.gradient_clip_val > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.loop.gradient_clip_val, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - self._step_start if self._step_start else float("nan")
+        self._step_start = None
+        logs = {("train_loss" if k == "loss" else k): float(v) for k, v in metrics.items()}
+        logs.update(grad_norm=float(grad_norm), lr=float(sched.get_last_lr()[0]), step_time=step_time,
+                    consumed_samples=float(self.consumed_samples))
+        self.log_dict(logs, prog_bar=False, on_step=True, batch_size=self.mcfg.micro_batch_size)
+        self.log("reward", logs["reward_mean"], prog_bar=True, on_step=True, batch_size=self.mcfg.micro_batch_size)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def render(self, prompts: List[str], seed_index: int, use_reference: bool) -> torch.Tensor:
+        """Images from fixed latents (seeded by the validation index), policy or reference."""
+        inf = self.mcfg.infer
+        rule = self.backend.step_rule(inf.inference_steps, None if inf.sampler == "default" else inf.sampler)
+        g = seeded_generator(self.mcfg.seed, "validation", seed_index)
+        if hasattr(self.backend, "set_resolution"):
+            self.backend.set_resolution(inf.height, inf.width)
+        cond = self.backend.encode_prompts(prompts)
+        latents = self.backend.initial_latents(len(prompts), inf.height, inf.width, rule, generator=g)
+        den = (self.backend.reference_denoiser(cond, inf.unconditional_guidance_scale) if use_reference
+               else self.backend.denoiser(cond, inf.unconditional_guidance_scale))
+        from ..core.sampler import StepPlan, sample
+
+        out = sample(den, rule, latents, StepPlan.no_grad(rule.num_steps), eta=0.0)
+        return self.decode(out.pred_x0 if self.mcfg.decode_target == "pred_x0" else out.latents)
+
+    def validation_step(self, batch, batch_idx):
+        prompts = batch["prompt"]
+        base = self.render(prompts, batch_idx, use_reference=True)
+        tuned = self.render(prompts, batch_idx, use_reference=False)
+        r_base, _ = self.score(base, prompts)
+        r_tuned, _ = self.score(tuned, prompts)
+        self.val_outputs.append({"prompts": prompts, "base": base.cpu(), "tuned": tuned.cpu(),
+                                 "reward_base": r_base.cpu(), "reward_tuned": r_tuned.cpu()})
+
+    def on_validation_epoch_start(self):
+        self.val_outputs = []
+
+    def on_validation_epoch_end(self):
+        if not self.val_outputs:
+            return
+        rb = torch.cat([o["reward_base"] for o in self.val_outputs])
+        rt = torch.cat([o["reward_tuned"] for o in self.val_outputs])
+        self.log_dict({"val_reward": float(rt.mean()), "val_reward_base": float(rb.mean()),
+                       "val_reward_gain": float((rt - rb).mean())}, on_epoch=True, sync_dist=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: Dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["alignment_state"] = {"consumed_samples": self.consumed_samples,
+                                         "nan_skipped_steps": self.nan_skipped_steps,
+                                         "peft_scheme": self.mcfg.peft.peft_scheme,
+                                         "adapter_dim": self.mcfg.peft.lora_tuning.adapter_dim}
+
+    def on_load_checkpoint(self, checkpoint: Dict) -> None:
+        state = checkpoint.get("alignment_state")
+        if state is None:
+            raise ValueError("checkpoint has no alignment_state: it was not written by nemo_aligner_draft")
+        mine = (self.mcfg.peft.peft_scheme, self.mcfg.peft.lora_tuning.adapter_dim)
+        theirs = (state.get("peft_scheme"), state.get("adapter_dim"))
+        if mine != theirs:
+            raise ValueError(f"checkpoint was trained with peft_scheme/adapter_dim={theirs}, but the config "
+                             f"has model.peft.peft_scheme/model.peft.lora_tuning.adapter_dim={mine}")
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(own) - set(checkpoint["state_dict"]))
+        shapes = [k for k, v in checkpoint["state_dict"].items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if missing or shapes:
+            raise ValueError(f"checkpoint does not match this model: {len(missing)} missing trainable tensors "
+                             f"(e.g. {missing[:3]}), {len(shapes)} with mismatched shapes (e.g. {shapes[:3]})")
+        self.consumed_samples = int(state["consumed_samples"])
+        self.nan_skipped_steps = int(state["nan_skipped_steps"])
+
+
+def steps_per_epoch(num_prompts: int, global_batch_size: int) -> int:
+    return max(num_prompts // global_batch_size, 1)
+
+
+def effective_max_steps(loop: AlgoLoopConfig, trainer_max_steps: int, num_prompts: int, global_batch_size: int) -> int:
+    """trainer.<algo>.max_steps if set, else trainer.max_steps; capped by max_epochs passes."""
+    steps = loop.max_steps if loop.max_steps > 0 else trainer_max_steps
+    if loop.max_epochs > 0:
+        cap = loop.max_epochs * steps_per_epoch(num_prompts, global_batch_size)
+        steps = cap if steps <= 0 else min(steps, cap)
+    return int(steps)
+
+
+__all__ = ["AlignmentModel", "effective_max_steps", "seeded_generator", "math"]

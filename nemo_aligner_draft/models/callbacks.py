@@ -1,0 +1,111 @@
+"""Cross-cutting reporting as Lightning callbacks: reward curve, validation grids, metrics JSON."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def image_grid(rows: List[torch.Tensor]) -> torch.Tensor:
+    """rows: list of ``[N, 3, H, W]`` in [0,1] → one ``[3, rows·H, N·W]`` grid."""
+    return torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+
+
+def save_png(img: torch.Tensor, path: str) -> None:
+    from PIL import Image
+
+    arr = (img.clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)).cpu().numpy()
+    tmp = path + ".tmp.png"
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, path)
+
+
+class TrainingReport(Callback):
+    """Writes ``images/val_step*.png`` (row 1: base, row 2: fine-tuned, same latents), logs the grids to
+    TensorBoard, and at the end ``reward_curve.png`` and ``metrics.json`` in the run directory."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self.train_history: List[Dict] = []
+        self.val_history: List[Dict] = []
+
+    def _load_history(self):
+        path = os.path.join(self.log_dir, "metrics.json")
+        if os.path.isfile(path) and not self.train_history:  # resumed run: keep earlier points
+            with open(path) as f:
+                data = json.load(f)
+            self.train_history = data.get("train", [])
+            self.val_history = data.get("validation", [])
+
+    def on_fit_start(self, trainer, pl_module):
+        self._load_history()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        if "reward_mean" in m and (not self.train_history or self.train_history[-1]["step"] != trainer.global_step):
+            self.train_history.append({"step": trainer.global_step,
+                                       **{k: float(v) for k, v in m.items() if not k.startswith("val_")}})
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        outs = pl_module.val_outputs
+        if not outs or trainer.sanity_checking:
+            return
+        base = torch.cat([o["base"] for o in outs])
+        tuned = torch.cat([o["tuned"] for o in outs])
+        rb = torch.cat([o["reward_base"] for o in outs])
+        rt = torch.cat([o["reward_tuned"] for o in outs])
+        entry = {"step": trainer.global_step, "reward_base": float(rb.mean()), "reward_tuned": float(rt.mean()),
+                 "prompts": [p for o in outs for p in o["prompts"]]}
+        diversity = getattr(pl_module, "diversity_fn", None)
+        if diversity is not None:
+            entry["diversity_base"] = float(diversity(base))
+            entry["diversity_tuned"] = float(diversity(tuned))
+        self.val_history.append(entry)
+        if trainer.is_global_zero:
+            grid = image_grid([base, tuned])
+            os.makedirs(os.path.join(self.log_dir, "images"), exist_ok=True)
+            save_png(grid, os.path.join(self.log_dir, "images", f"val_step{trainer.global_step:06d}.png"))
+            for logger in trainer.loggers:
+                exp = getattr(logger, "experiment", None)
+                if hasattr(exp, "add_image"):
+                    exp.add_image("validation/base_vs_tuned", grid, trainer.global_step)
+            self._write_json()
+
+    def _write_json(self):
+        path = os.path.join(self.log_dir, "metrics.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"train": self.train_history, "validation": self.val_history}, f, indent=1)
+        os.replace(tmp, path)
+
+    def on_train_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        self._write_json()
+        if self.train_history:
+            plot_reward_curve(self.train_history, self.val_history, os.path.join(self.log_dir, "reward_curve.png"))
+
+
+def plot_reward_curve(train: List[Dict], val: List[Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h["step"] for h in train], [h["reward_mean"] for h in train], label="train reward (batch mean)", alpha=0.6)
+    if val:
+        ax.plot([v["step"] for v in val], [v["reward_tuned"] for v in val], "o-", label="validation: fine-tuned")
+        ax.plot([v["step"] for v in val], [v["reward_base"] for v in val], "s--", label="validation: base")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
