@@ -33,7 +33,7 @@ class Reward(torch.nn.Module):
     name: str = "reward"
     fp32: bool = False
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str], *args, **kwargs) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: Optional[Sequence[str]] = None, *args, **kwargs) -> torch.Tensor:
         with self.precision_scope():
             r = super().__call__(self.cast_input(images), prompts, *args, **kwargs)
         return _at_least_fp32(r) if torch.is_tensor(r) else r  # non-tensors are left for check_reward_output

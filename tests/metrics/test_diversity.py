@@ -104,7 +104,7 @@ def test_vgg_backbone_keys_map_and_classifier_is_ignored(tmp_path):
     import torchvision
 
     torch.manual_seed(8)
-    features = torchvision.models.vgg16(weights=None).features
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])  # vgg16.features, no classifier
     sd = {f"features.{k}": v for k, v in features.state_dict().items()}
     sd["classifier.0.weight"] = torch.zeros(2, 2)  # present in real files; not used by LPIPS
     path = tmp_path / "vgg16.pth"
