@@ -2,7 +2,6 @@
 state-dict layout, vs a direct transformers + plain-MLP computation."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nemo_aligner_draft.rewards import build_reward
 from reward_helpers import PROMPTS, save_tiny_hf_clip, smooth_images, to_pil

@@ -13,7 +13,7 @@ import torch
 
 from nemo_aligner_draft.rewards.preprocess import (ClipPreprocess, ClipPreprocessConfig, config_from_hf_image_processor,
                                                    config_from_open_clip, resized_shape)
-from reward_helpers import TINY_OPEN_CLIP, smooth_images, to_pil
+from reward_helpers import smooth_images, to_pil
 
 LEVEL = 1 / 255 / 0.26130258
 SMOOTH_MAX, NOISY_MAX, MEAN_MAX = 1.5 * LEVEL, 0.07, 0.4 * LEVEL
