@@ -33,6 +33,13 @@ class DraftConfig:
     def __post_init__(self):
         if self.decode_target not in ("pred_x0", "x0"):
             raise ValueError(f"decode_target must be 'pred_x0' or 'x0', got {self.decode_target!r}")
+        if self.kl_coeff < 0:
+            raise ValueError(f"model.kl_coeff must be >= 0, got {self.kl_coeff}")
+        if self.lv_copies < 0:
+            raise ValueError(f"lv_copies must be >= 0, got {self.lv_copies}")
+        # K = 0 would leave no step with gradient: the loss could not be backpropagated.
+        if not self.lv_copies and self.truncation_steps < 1:
+            raise ValueError(f"model.truncation_steps must be >= 1, got {self.truncation_steps}")
 
 
 def draft_objective(
@@ -46,6 +53,10 @@ def draft_objective(
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
     """One DRaFT(+)/-LV rollout. Returns (loss, metrics, decoded images ``[B,3,H,W]``)."""
+    if cfg.kl_coeff and reference is None:
+        # Without this check DRaFT-LV would silently drop the penalty.
+        raise ValueError(f"model.kl_coeff = {cfg.kl_coeff} needs a reference denoiser (DRaFT+); "
+                         f"pass one, or set kl_coeff to 0 for plain DRaFT")
     ref = reference if cfg.kl_coeff else None
     if cfg.lv_copies:
         return _draft_lv(policy, ref, rule, latents, decode, score, cfg, generator)
