@@ -107,16 +107,17 @@ class ExplicitDDIM:
 
 
 # ----------------------------------------------------------------------------- tests
-def test_checkpointed_full_chain_equals_plain_backprop(make_backend, reward_fn):
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.5), ("euler", 0.0)])
+def test_checkpointed_full_chain_equals_plain_backprop(make_backend, reward_fn, sampler, eta):
     b = make_backend()
     T = 4
-    rule = b.step_rule(T)
+    rule = b.step_rule(T, sampler)
     cond = b.encode_prompts(PROMPTS)
     x = initial_latents(b, rule)
     params = lora_params(b)
     results = []
     for checkpoint in (False, True):
-        cfg = DraftConfig(truncation_steps=T, kl_coeff=0.3, eta=0.5, checkpoint=checkpoint)
+        cfg = DraftConfig(truncation_steps=T, kl_coeff=0.3, eta=eta, checkpoint=checkpoint)
         loss, metrics, _ = draft_objective(b.denoiser(cond, W), b.reference_denoiser(cond, W), rule, x,
                                            b.decode, reward_fn, cfg, generator=torch.Generator().manual_seed(7))
         assert metrics["kl_penalty"] > 0
