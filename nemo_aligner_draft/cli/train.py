@@ -73,6 +73,9 @@ def build_reward_from_config(rm):
     if path is not None and not os.path.exists(path):
         raise FileNotFoundError(f"rm.model.restore_from_path: {path!r} does not exist")
     kwargs = dict(rm.kwargs)
+    if rm.components and rm.name != "weighted_sum":
+        raise ValueError(f"rm.components: {len(rm.components)} rewards listed, but rm.name is {rm.name!r}; "
+                         f"components are only used with rm.name=weighted_sum")
     if rm.name == "weighted_sum":
         kwargs["components"] = [
             {"name": c.name, "weight": c.weight, "path": c.model.restore_from_path, "kwargs": dict(c.kwargs)}
@@ -82,8 +85,8 @@ def build_reward_from_config(rm):
             if c.model.restore_from_path is not None and not os.path.exists(c.model.restore_from_path):
                 raise FileNotFoundError(f"rm.components[{i}].model.restore_from_path: "
                                         f"{c.model.restore_from_path!r} does not exist")
-    # rm.fp32 is applied by the model around every reward call (AlignmentModel.score)
-    return build_reward(rm.name, path=path, **kwargs)
+    # rm.fp32 keeps the reward's weights and inputs in fp32 and outside autocast
+    return build_reward(rm.name, path=path, fp32=rm.fp32, **kwargs)
 
 
 def model_class(algorithm: str):
@@ -134,15 +137,15 @@ def _world(t) -> int:
 
 
 def exp_manager_config(cfg, monitor: str) -> dict:
-    e, loop = cfg.exp_manager, cfg.loop
+    e, loop, run_name = cfg.exp_manager, cfg.loop, cfg.name
     ckpt = e.checkpoint_callback_params
     return {
         "explicit_log_dir": e.explicit_log_dir,
         "exp_dir": e.exp_dir,
-        "name": e.name or cfg.name,
+        "name": e.name or run_name,
         "use_datetime_version": False,
         "create_wandb_logger": e.create_wandb_logger,
-        "wandb_logger_kwargs": {"name": e.name or cfg.name, "project": cfg.name} if e.create_wandb_logger else None,
+        "wandb_logger_kwargs": {"name": e.name or run_name, "project": run_name} if e.create_wandb_logger else None,
         "create_tensorboard_logger": e.create_tensorboard_logger,
         "resume_if_exists": e.resume_if_exists,
         "resume_ignore_no_checkpoint": True,
@@ -184,7 +187,6 @@ def run(cfg, dict_cfg) -> str:
     model = cls(cfg=OmegaConf.create(OmegaConf.to_container(dict_cfg.model, resolve=True)), trainer=None,
                 loop=cfg.loop, reward=inputs["reward"], train_prompts=inputs["train"], val_prompts=inputs["val"],
                 precision=cfg.trainer.precision)
-    model.reward_fp32 = cfg.rm.fp32
     attach_diversity(model)
     trainer = build_trainer(cfg, max_steps, accumulation)
     from nemo.utils.exp_manager import exp_manager

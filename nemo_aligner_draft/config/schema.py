@@ -241,6 +241,9 @@ def _type_name(tp) -> str:
 
 
 def _convert(tp, value, key: str, problems: List[str]):
+    if isinstance(value, str) and value == "???":
+        problems.append(f"{key}: mandatory value missing (the config has ???; set it, e.g. {key}=...)")
+        return None
     origin = typing.get_origin(tp)
     if origin is Union:
         args = typing.get_args(tp)

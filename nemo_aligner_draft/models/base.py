@@ -28,6 +28,8 @@ from . import distributed
 
 def typed_model_config(cfg) -> ModelConfig:
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    for nemo_key in ("target", "nemo_version"):  # NeMo adds these when it writes a .nemo archive
+        raw.pop(nemo_key, None)
     problems: List[str] = []
     node = _build(ModelConfig, raw, "model", problems)
     if problems:
@@ -150,15 +152,11 @@ class AlignmentModel(ModelPT):
 
     # ------------------------------------------------------------------ rewards
     def score(self, images: torch.Tensor, prompts: List[str]):
-        """Reward ``[B]`` plus its parts; fp32 and outside autocast when rm.fp32 is set."""
+        """Reward ``[B]`` plus its parts (rm.fp32 is handled by the reward itself, see rewards/base.py)."""
         if self.reward is None:
             raise RuntimeError("no reward model attached")
         self.reward.to(images.device)
-        if getattr(self, "reward_fp32", False):
-            with torch.autocast(device_type=images.device.type, enabled=False):
-                total, parts = self.reward.score_with_parts(images.float(), prompts)
-        else:
-            total, parts = self.reward.score_with_parts(images, prompts)
+        total, parts = self.reward.score_with_parts(images, prompts)
         check_reward_output(total, images.shape[0], self.reward.name)
         return total.float(), parts
 
