@@ -25,6 +25,7 @@ VAE_CONFIG = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
     layers_per_block=1, norm_num_groups=8, sample_size=64,
+    mid_block_add_attention=False,  # measured: trains no worse without it on flat shapes, and is cheaper
 )
 UNET_CONFIG = dict(
     in_channels=4, out_channels=4, sample_size=8,
