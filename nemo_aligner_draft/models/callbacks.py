@@ -58,6 +58,7 @@ class TrainingReport(Callback):
         rb = torch.cat([o["reward_base"] for o in outs])
         rt = torch.cat([o["reward_tuned"] for o in outs])
         entry = {"step": trainer.global_step, "reward_base": float(rb.mean()), "reward_tuned": float(rt.mean()),
+                 "rewards_base": rb.tolist(), "rewards_tuned": rt.tolist(),
                  "prompts": [p for o in outs for p in o["prompts"]]}
         diversity = getattr(pl_module, "diversity_fn", None)
         if diversity is not None:

@@ -28,3 +28,20 @@ def colorfulness(**kwargs) -> Reward:
     if kwargs:
         raise ValueError(f"reward 'colorfulness' takes no arguments, got {sorted(kwargs)}")
     return Colorfulness()
+
+
+class Brightness(Reward):
+    """Mean Rec. 601 luma of [0, 1] RGB, differentiable. A smoke-test reward: any model can raise it."""
+
+    name = "brightness"
+
+    def forward(self, images, prompts=None):
+        r, g, b = images.float().unbind(dim=1)
+        return (0.299 * r + 0.587 * g + 0.114 * b).mean(dim=(1, 2))
+
+
+@register_reward("brightness")
+def brightness(**kwargs) -> Reward:
+    if kwargs:
+        raise ValueError(f"reward 'brightness' takes no arguments, got {sorted(kwargs)}")
+    return Brightness()

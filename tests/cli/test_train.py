@@ -171,3 +171,27 @@ def test_bad_input_one_message_nonzero_exit_no_run_dir(case, override, expect, t
     assert expect in proc.stderr, (case, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, case
     assert not run_dir.exists(), f"{case}: run directory was created"
+
+
+def test_short_draftp_run_raises_heldout_reward_beyond_zero_lr_control(tiny_sd_dir, tmp_path):
+    """Same seeds, same prompts and latents; lr > 0 vs lr = 0. The held-out (validation, fixed latents)
+    reward of the trained model must beat the control by more than 3 standard errors of the paired
+    per-image differences — the run-to-run noise of this comparison."""
+    from nemo_aligner_draft.cli.train import main
+
+    common = ["--config-name=draftp_tiny", f"model.pretrained={tiny_sd_dir}", "trainer.max_steps=10",
+              "trainer.draftp_sd.max_steps=10", "trainer.draftp_sd.val_check_interval=10",
+              "trainer.draftp_sd.save_interval=10", "trainer.draftp_sd.limit_val_batches=3",
+              "model.truncation_steps=3", "model.peft.peft_scheme=none", "model.kl_coeff=0.01",
+              "model.data.validation.dataset_path=builtin:animals"]
+    results = {}
+    for lr in (0.003, 0.0):
+        run = tmp_path / f"lr{lr}"
+        assert main([*common, f"model.optim.lr={lr}", f"exp_manager.explicit_log_dir={run}"]) == 0
+        results[lr] = json.load(open(run / "metrics.json"))["validation"][-1]
+    trained = torch.tensor(results[0.003]["rewards_tuned"])
+    control = torch.tensor(results[0.0]["rewards_tuned"])
+    assert torch.equal(control, torch.tensor(results[0.0]["rewards_base"])), "lr=0 leaves the model unchanged"
+    diff = trained - control
+    se = diff.std() / diff.numel() ** 0.5
+    assert diff.mean() > 3 * se and diff.mean() > 0, (diff.mean().item(), se.item())
