@@ -28,6 +28,21 @@ def _animals() -> List[str]:
     return [f"a photo of a {a}" for a in animals]
 
 
+@register_prompts("embedded_train")
+def _embedded_train() -> List[str]:
+    from ..embedded.data import prompts
+
+    return prompts("train")
+
+
+@register_prompts("embedded_heldout")
+def _embedded_heldout() -> List[str]:
+    """Attribute combinations never seen in pretraining or fine-tuning."""
+    from ..embedded.data import prompts
+
+    return prompts("heldout")
+
+
 def _line_ranges(numbers: List[int]) -> str:
     shown = ", ".join(str(n) for n in numbers[:10])
     return shown + (f" and {len(numbers) - 10} more" if len(numbers) > 10 else "")
@@ -37,7 +52,6 @@ def load_prompts(path: str, key: str = "model.data.train.dataset_path", max_char
     """Read prompts; raise ValueError/FileNotFoundError naming ``key`` and ``path`` on bad input."""
     if path.startswith("builtin:"):
         name = path[len("builtin:"):]
-        _load_builtin_sets()
         if name not in BUILTIN_PROMPTS:
             raise ValueError(f"{key}: unknown built-in prompt set {name!r}; known: {sorted(BUILTIN_PROMPTS)}")
         return list(BUILTIN_PROMPTS[name]())
@@ -76,13 +90,6 @@ def load_prompts(path: str, key: str = "model.data.train.dataset_path", max_char
     if not prompts:
         raise ValueError(f"{key}: prompt file {path!r} is empty")
     return prompts
-
-
-def _load_builtin_sets() -> None:
-    try:  # the embedded domain registers its prompt splits when present
-        from ..embedded import prompts as _  # noqa: F401
-    except ImportError:
-        pass
 
 
 class PromptDataset:
