@@ -52,7 +52,7 @@ def main(argv=None):
         config = "draftp_tiny"
         # LoRA has little leverage on a random UNet: the fallback fine-tunes the whole (0.8 M) UNet
         overrides = [f"model.pretrained={sd}", "model.truncation_steps=3", "model.optim.lr=0.003",
-                     "model.peft.peft_scheme=none"]
+                     "model.peft.peft_scheme=none", "model.kl_coeff=0.01"]
         what = "tiny randomly initialised SD (no embedded weights found), reward colorfulness, full fine-tuning"
     if args.steps:
         overrides += [f"trainer.max_steps={args.steps}", f"trainer.draftp_sd.max_steps={args.steps}"]
@@ -85,7 +85,8 @@ def main(argv=None):
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
-    print(f"wrote {out}/reward_curve.png, before_after.png, lora/, summary.json")
+    wrote = ["reward_curve.png", "before_after.png", "summary.json"] + (["lora/"] if os.path.isdir(os.path.join(out, "lora")) else [])
+    print(f"wrote in {out}: {', '.join(wrote)}")
     return 0
 
 
