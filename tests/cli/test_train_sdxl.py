@@ -1,0 +1,40 @@
+"""SDXL through the same CLI, model class and export as SD (no SDXL twin of the training code)."""
+import json
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from nemo_aligner_draft.testing.tiny_sdxl import save_tiny_sdxl
+
+    return save_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))
+
+
+def test_draftp_sdxl_trains_from_the_cli_and_exports_lora(tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from nemo_aligner_draft.cli.train import main
+    from nemo_aligner_draft.config.tracking import track_reads
+
+    run = tmp_path / "run"
+    with track_reads() as reads:
+        rc = main(["--config-name=draftp_sdxl", f"model.pretrained={tiny_sdxl}", f"exp_manager.explicit_log_dir={run}",
+                   "model.data.train.dataset_path=builtin:animals", "rm.name=brightness",
+                   "rm.model.restore_from_path=null", "trainer.precision=32", "trainer.accelerator=cpu",
+                   "trainer.max_steps=3", "trainer.draftp_sd.max_steps=3", "trainer.draftp_sd.val_check_interval=3",
+                   "trainer.draftp_sd.save_interval=3", "model.infer.height=64", "model.infer.width=64",
+                   "model.infer.inference_steps=4", "model.global_batch_size=2", "model.micro_batch_size=2",
+                   "model.optim.name=adamw", "model.peft.lora_tuning.adapter_dim=4",
+                   "model.peft.lora_tuning.network_alpha=4", "model.truncation_steps=2"])
+    assert rc == 0
+    metrics = json.load(open(run / "metrics.json"))
+    assert [h["step"] for h in metrics["train"]] == [1, 2, 3]
+    assert metrics["train"][-1]["kl_penalty"] > 0, "the EDM-d penalty is computed against the adapters-off reference"
+    assert metrics["validation"][0]["reward_tuned"] != metrics["validation"][0]["reward_base"]
+    # the SDXL entry read the SDXL-specific key settings (activation checkpointing) too
+    assert "model.activation_checkpointing" in reads and "model.infer.sampler" in reads
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    pipe.load_lora_weights(os.path.join(run, "export"))  # diffusers accepts the exported SDXL LoRA
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
