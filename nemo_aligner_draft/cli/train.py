@@ -101,6 +101,11 @@ def model_class(algorithm: str):
     raise ValueError(f"model.algorithm: unknown {algorithm!r}")
 
 
+# Set to a directory to have every rank write its trainable parameters, prompts and first latents
+# there at the end of training (the multi-process tests compare ranks and layouts with it).
+RANK_DUMP_ENV = "NAD_RANK_DUMP_DIR"
+
+
 def build_trainer(cfg, max_steps: int, accumulation: int):
     from lightning.pytorch import Trainer
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
@@ -122,7 +127,12 @@ def build_trainer(cfg, max_steps: int, accumulation: int):
         strategy = DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
     val_every = loop.val_check_interval * accumulation if loop.val_check_interval > 0 else None
     precision = t.precision if str(t.precision) != "32" else "32-true"
-    return Trainer(
+    callbacks = []
+    if os.environ.get(RANK_DUMP_ENV):
+        from ..models.distributed import RankDump
+
+        callbacks.append(RankDump(os.environ[RANK_DUMP_ENV]))
+    return Trainer(callbacks=callbacks,
         accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision=precision,
         max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
         use_distributed_sampler=False, val_check_interval=val_every, check_val_every_n_epoch=None,

@@ -1,10 +1,13 @@
 """The NeMo shell shared by every algorithm: backend, LoRA, reference, optimizer, data, validation,
 NaN guard and resumable state. Algorithms implement only :meth:`AlignmentModel.objective`.
 
-Randomness is stateless: every draw (latents, eta-noise, cuts) comes from a generator seeded by
-``(model.seed, data-parallel rank, round, purpose)``, where a *round* is one micro-batch on every
-rank. A resumed run therefore draws exactly what an uninterrupted one would, without saving RNG
-state, and ranks draw different latents.
+Randomness is stateless: each sample's initial latents come from a generator seeded by
+``(model.seed, global sample index, purpose)``, and the other draws of a micro-batch (eta-noise,
+cuts) from one seeded by ``(model.seed, global index of its first sample, purpose)``; the global
+sample index is ``round × micro × dp_size + dp_rank × micro + i``, a *round* being one micro-batch
+on every rank. A resumed run therefore draws exactly what an uninterrupted one would, without
+saving RNG state; ranks draw different latents; and the initial latents do not depend on how the
+global batch is split over ranks, micro-batches and accumulation.
 """
 from __future__ import annotations
 
@@ -127,8 +130,14 @@ class AlignmentModel(ModelPT):
     def accumulation(self) -> int:
         return max(self.mcfg.global_batch_size // self.round_size, 1)
 
+    def first_sample_index(self, round_idx: int) -> int:
+        """Global index of this rank's first sample in round ``round_idx`` (same as the sampler's layout)."""
+        return round_idx * self.round_size + self.dp_rank * self.mcfg.micro_batch_size
+
     def generator(self, round_idx: int, purpose: str) -> torch.Generator:
-        return seeded_generator(self.mcfg.seed, self.dp_rank, round_idx, purpose)
+        # Keyed on the global sample offset, not on (rank, round): a 2-rank run and a 1-process run
+        # with accumulation 2 then see the same micro-batches with the same noise.
+        return seeded_generator(self.mcfg.seed, "micro", self.first_sample_index(round_idx), purpose)
 
     # ------------------------------------------------------------------ data
     def train_dataloader(self):
@@ -168,7 +177,12 @@ class AlignmentModel(ModelPT):
         if hasattr(self.backend, "set_resolution"):
             self.backend.set_resolution(inf.height, inf.width)
         cond = self.backend.encode_prompts(prompts)
-        latents = self.backend.initial_latents(len(prompts), inf.height, inf.width, rule, generator=g)
+        # one generator per global sample: initial latents do not depend on how the global batch is split
+        first = self.first_sample_index(round_idx)
+        latents = torch.cat([
+            self.backend.initial_latents(1, inf.height, inf.width, rule,
+                                         generator=seeded_generator(self.mcfg.seed, "sample", first + i, purpose))
+            for i in range(len(prompts))])
         return rule, cond, latents, g
 
     def decode(self, latents):

@@ -7,7 +7,12 @@ per-rank randomness comes from seeded generators (see models/base.py), not from
 """
 from __future__ import annotations
 
+import os
+from typing import List
+
+import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 
 _OWN_GROUP = False
 
@@ -49,3 +54,38 @@ def data_parallel_size() -> int:
     if parallel_state.model_parallel_is_initialized():
         return parallel_state.get_data_parallel_world_size()
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class RankDump(Callback):
+    """Diagnostics for multi-process runs: ``<dir>/rank<global rank>.pt`` holds this rank's trainable
+    parameters at the start and the end of training, the prompts it trained on (in order), its data-parallel rank/size and
+    the initial latents of its first micro-batch, re-drawn through the model's own sampling setup."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.prompts: List[str] = []
+        self.initial = {}
+
+    @staticmethod
+    def _trainable(pl_module):
+        return {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_train_start(self, trainer, pl_module):
+        self.initial = self._trainable(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.prompts.extend(batch["prompt"])
+
+    def on_train_end(self, trainer, pl_module):
+        m = pl_module.mcfg.micro_batch_size
+        first = self.prompts[:m]
+        with torch.no_grad():
+            latents = pl_module.sampling_setup(first, 0, "rollout")[2] if first else None
+        state = {"params": self._trainable(pl_module), "initial_params": self.initial,
+                 "prompts": list(self.prompts), "dp_rank": pl_module.dp_rank, "dp_size": pl_module.dp_size,
+                 "global_rank": trainer.global_rank, "first_latents": latents, "global_step": trainer.global_step,
+                 "consumed_samples": pl_module.consumed_samples}
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
