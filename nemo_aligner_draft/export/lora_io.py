@@ -1,0 +1,79 @@
+"""Reading diffusers LoRA files back into a UNet (inference side of :mod:`.lora`).
+
+A file written by :func:`.lora.export_lora` or by the converters holds peft-named factors under
+``unet.<module>.lora_{A,B}.weight`` and the adapter config (rank, alpha) as JSON in the safetensors
+header. The applied update is ΔW = scale·(lora_alpha/r)·B A.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Tuple
+
+import torch
+
+from .lora import WEIGHT_NAME
+from .ldm_layout import ConversionError
+
+META_KEY = "lora_adapter_metadata"
+
+
+def read_lora(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(UNet LoRA state dict with peft keys ``<module>.lora_A.weight``, adapter config dict).
+
+    ``path``: the safetensors file or the directory holding ``pytorch_lora_weights.safetensors``.
+    Without header metadata, alpha = r (diffusers' default for a file without alphas).
+    """
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        path = os.path.join(path, WEIGHT_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA file {path!r} does not exist")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    bad = [k for k in state if not k.startswith("unet.") or ".lora_" not in k]
+    if bad:
+        raise ConversionError(f"{path!r}: {len(bad)} keys are not diffusers UNet LoRA factors "
+                              f"('unet.<module>.lora_A.weight'), e.g. {sorted(bad)[:10]}")
+    state = {k[len("unet."):]: v for k, v in state.items()}
+    ranks = {int(v.shape[0]) for k, v in state.items() if ".lora_A." in k}
+    if META_KEY in meta:
+        raw = json.loads(meta[META_KEY])
+        config = {k[len("unet."):]: v for k, v in raw.items() if k.startswith("unet.")}
+    else:
+        if len(ranks) != 1:
+            raise ConversionError(f"{path!r}: no adapter metadata and mixed ranks {sorted(ranks)}")
+        r = ranks.pop()
+        config = {"r": r, "lora_alpha": float(r)}
+    config["target_modules"] = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    return state, config
+
+
+def lora_scale(config: dict) -> float:
+    """peft's s = lora_alpha / r (no per-module patterns)."""
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ConversionError("LoRA files with per-module rank/alpha patterns are not supported here")
+    return float(config["lora_alpha"]) / float(config["r"])
+
+
+def apply_lora(unet, state: Dict[str, torch.Tensor], r: int, lora_alpha: float, adapter_name: str = "default"):
+    """Add a peft adapter with (r, lora_alpha) to ``unet`` and load ``state`` into it; checks every key."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    modules = dict(unet.named_modules())
+    unknown = [t for t in targets if t not in modules]
+    if unknown:
+        raise ConversionError(f"{len(unknown)} LoRA modules do not exist in this UNet (wrong base model?), "
+                              f"e.g. {unknown[:10]}")
+    unet.add_adapter(LoraConfig(r=int(r), lora_alpha=float(lora_alpha), target_modules=targets), adapter_name)
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and adapter_name in k]
+    if missing or getattr(result, "unexpected_keys", None):
+        raise ConversionError(f"LoRA does not fit the UNet: missing {missing[:10]}, "
+                              f"unexpected {list(result.unexpected_keys)[:10]}")
+    unet.set_adapter(adapter_name)
+    return unet
