@@ -40,6 +40,8 @@ setup(
     entry_points={
         "console_scripts": [
             "nad-train=nemo_aligner_draft.cli.train:main",
+            "nad-generate=nemo_aligner_draft.cli.generate:main",
+            "nad-convert=nemo_aligner_draft.cli.convert:main",
         ]
     },
 )

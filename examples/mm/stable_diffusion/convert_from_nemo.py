@@ -1,0 +1,8 @@
+"""`nad-convert from-nemo` as a script: `python examples/mm/stable_diffusion/convert_from_nemo.py SOURCE OUT [options]`
+(see docs/use_the_result.md and `--help`)."""
+import sys
+
+from nemo_aligner_draft.cli.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main(["from-nemo", *sys.argv[1:]]))

@@ -1,0 +1,8 @@
+"""`nad-convert from-nemo-lora` as a script: `python examples/mm/stable_diffusion/convert_nemo_lora_to_diffusers.py SOURCE OUT [options]`
+(see docs/use_the_result.md and `--help`)."""
+import sys
+
+from nemo_aligner_draft.cli.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main(["from-nemo-lora", *sys.argv[1:]]))

@@ -1,0 +1,8 @@
+"""`nad-convert to-lora` as a script: `python examples/mm/stable_diffusion/convert_to_lora.py SOURCE OUT [options]`
+(see docs/use_the_result.md and `--help`)."""
+import sys
+
+from nemo_aligner_draft.cli.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main(["to-lora", *sys.argv[1:]]))
