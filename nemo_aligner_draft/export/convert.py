@@ -63,6 +63,21 @@ def _load_weights(fileobj_or_path) -> Dict[str, torch.Tensor]:
     return state
 
 
+def load_lightning_checkpoint(path: str) -> dict:
+    """``torch.load(weights_only=True)`` of a Lightning ``.ckpt``: its ``hyper_parameters`` are OmegaConf
+    containers, so those plain-data classes (and nothing that can run code) are allow-listed."""
+    import collections
+    import typing
+
+    from omegaconf import DictConfig, ListConfig, nodes
+    from omegaconf.base import ContainerMetadata, Metadata
+
+    allowed = [dict, list, int, float, str, bool, collections.defaultdict, DictConfig, ListConfig, ContainerMetadata, Metadata, typing.Any, nodes.AnyNode, nodes.StringNode,
+               nodes.IntegerNode, nodes.FloatNode, nodes.BooleanNode]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_nemo_archive(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """(model_config dict, weights) of a ``.nemo`` tar, or ({}, weights) of a bare ``.ckpt``."""
     import yaml
@@ -126,7 +141,7 @@ def load_trained_unet(path: str, base: Optional[str] = None):
     if tarfile.is_tarfile(path):
         mcfg, state = read_nemo_archive(path)
     else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = load_lightning_checkpoint(path)
         if not isinstance(raw, dict) or "state_dict" not in raw or "alignment_state" not in raw:
             raise ConversionError(f"{path!r} is not a nemo_aligner_draft training checkpoint (expected keys "
                                   f"'state_dict' and 'alignment_state', got {sorted(raw)[:10] if isinstance(raw, dict) else type(raw).__name__})")
