@@ -39,6 +39,9 @@ class PretrainConfig:
     vae_crop: int = 64
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
+    decoder_steps: int = 1000
+    decoder_lr: float = 1e-3
+    decoder_shape_weight: float = 4.0
     unet_steps: int = 1600
     unet_batch: int = 32
     unet_lr: float = 1e-3
@@ -52,7 +55,7 @@ class PretrainConfig:
     @classmethod
     def quick(cls) -> "PretrainConfig":
         """A few steps of everything on a small data set: seconds, for the test suite."""
-        return cls(n_images=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=8, clip_steps=2, clip_batch=8)
+        return cls(n_images=64, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=8, decoder_steps=2, clip_steps=2, clip_batch=8)
 
 
 def _progress(total: int, desc: str):
@@ -234,6 +237,54 @@ def train_sd(out_dir: str, cfg: PretrainConfig) -> Dict:
     return log
 
 
+# -------------------------------------------------------------------------------- decoder fine-tune
+def finetune_decoder(out_dir: str, cfg: PretrainConfig) -> Dict:
+    """Fine-tune the VAE decoder of ``out_dir/sd`` with the encoder frozen (SD's ft-MSE recipe).
+
+    The latents the UNet was trained on do not change, so the pipeline stays consistent. Pixels that
+    differ from the corner (background) colour get weight ``1 + decoder_shape_weight``: shapes are a
+    small fraction of the image and their colour is what the first VAE phase reproduced worst.
+    """
+    from diffusers import AutoencoderKL
+
+    log: Dict = {"config": asdict(cfg), "torch_threads": torch.get_num_threads()}
+    t0 = time.time()
+    path = os.path.join(out_dir, "sd", "vae")
+    vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    images, _ = shapes.make_dataset(cfg.n_images, cfg.seed, "train")
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 14)
+    bar = _progress(cfg.decoder_steps, "VAE decoder")
+    for step in range(cfg.decoder_steps):
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
+        x = _images_to_model_range(images[idx.numpy()])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        recon = vae.decode(z).sample
+        weight = 1.0 + cfg.decoder_shape_weight * (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()
+        loss = (weight * ((recon - x).abs() + (recon - x) ** 2)).mean() / weight.mean()
+        for g in opt.param_groups:
+            g["lr"] = cfg.decoder_lr * _lr_factor(step, cfg.decoder_steps, min(50, cfg.decoder_steps // 10 + 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    if cfg.fp16_storage:
+        vae = vae.half()
+    vae.save_pretrained(path, safe_serialization=True)
+    log["decoder"] = {"steps": cfg.decoder_steps, "final_loss": loss.item()}
+    log["total_seconds"] = round(time.time() - t0, 1)
+    log["process_cpu_seconds"] = round(time.process_time(), 1)
+    with open(os.path.join(out_dir, "pretrain_decoder.json"), "w") as f:
+        json.dump(log, f, indent=2)
+    return log
+
+
 # ---------------------------------------------------------------------------------------- TinyCLIP
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                      same_caption: torch.Tensor) -> torch.Tensor:
@@ -299,13 +350,15 @@ def train_tinyclip(out_dir: str, cfg: PretrainConfig) -> Dict:
     return log
 
 
-def pretrain(out_dir: str, cfg: PretrainConfig, parts=("sd", "clip")) -> Dict:
+def pretrain(out_dir: str, cfg: PretrainConfig, parts=("sd", "decoder", "clip")) -> Dict:
     """Train the requested parts into ``out_dir`` and write the prompt lists; returns the logs."""
     os.makedirs(out_dir, exist_ok=True)
     shapes.write_prompt_files(out_dir)
     logs = {}
     if "sd" in parts:
         logs["sd"] = train_sd(out_dir, cfg)
+    if "decoder" in parts:
+        logs["decoder"] = finetune_decoder(out_dir, cfg)
     if "clip" in parts:
         logs["clip"] = train_tinyclip(out_dir, cfg)
     return logs

@@ -29,7 +29,8 @@ def main(argv=None):
     p.add_argument("--n-images", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (results are repeatable per count)")
-    p.add_argument("--parts", default="sd,clip", help="comma list of: sd (VAE+UNet+text encoder), clip")
+    p.add_argument("--parts", default="sd,decoder,clip",
+                   help="comma list of: sd (VAE+UNet+text encoder), decoder (VAE decoder fine-tune of OUT/sd), clip")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -40,9 +41,9 @@ def main(argv=None):
     if args.n_images is not None:
         cfg.n_images = args.n_images
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    unknown = set(parts) - {"sd", "clip"}
+    unknown = set(parts) - {"sd", "decoder", "clip"}
     if unknown:
-        p.error(f"--parts: unknown {sorted(unknown)}; expected sd and/or clip")
+        p.error(f"--parts: unknown {sorted(unknown)}; expected sd, decoder, clip")
     logs = pretrain(args.out, cfg, parts)
     for name, log in logs.items():
         print(f"{name}: {log['total_seconds']} s")
