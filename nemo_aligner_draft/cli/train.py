@@ -19,6 +19,7 @@ from typing import List, Optional
 
 REPO_CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # model.nan_tolerance consecutive non-finite steps
 
 log = logging.getLogger("nemo_aligner_draft")
 
@@ -63,7 +64,23 @@ def preflight(cfg) -> dict:
         raise ValueError(f"rm.name: reward {reward.name!r} is not differentiable; model.algorithm={m.algorithm} "
                          f"backpropagates through the reward (use ddpo or sdpo, or a differentiable reward)")
     assert isinstance(reward, Reward)
+    probe_reward(reward, cfg)
     return {"train": train, "val": val, "reward": reward}
+
+
+def probe_reward(reward, cfg) -> None:
+    """Score two mid-grey images once, so a reward returning the wrong shape or dtype fails here,
+    before any run directory exists, rather than at the first training step. Non-finite values are
+    left to the NaN guard: a reward may be NaN only on some images."""
+    import torch
+
+    from ..rewards.base import check_reward_output
+
+    inf = cfg.model.infer
+    images = torch.full((2, 3, inf.height, inf.width), 0.5)
+    with torch.no_grad():
+        out = reward(images, ["a photo", "a photo"])
+    check_reward_output(out, 2, reward.name)
 
 
 def build_reward_from_config(rm):
@@ -201,6 +218,11 @@ def run(cfg, dict_cfg) -> str:
     trainer = build_trainer(cfg, max_steps, accumulation)
     from nemo.utils.exp_manager import exp_manager
 
+    if cfg.exp_manager.resume_if_exists:
+        from ..models.checkpoint_io import tidy_checkpoint_dir
+
+        for moved in tidy_checkpoint_dir(os.path.join(planned_log_dir(cfg), "checkpoints")):
+            log.warning(f"resume: set aside {moved} (left over from an interrupted run)")
     log_dir = str(exp_manager(trainer, exp_manager_config(cfg, "train_loss")))
     trainer.callbacks.append(TrainingReport(log_dir))
     with open(os.path.join(log_dir, "config.yaml.tmp"), "w") as f:
@@ -213,6 +235,14 @@ def run(cfg, dict_cfg) -> str:
 
         export_lora(model.unet, os.path.join(log_dir, "export"), family=model.backend.family)
     return log_dir
+
+
+def planned_log_dir(cfg) -> str:
+    """The run directory exp_manager will use (explicit_log_dir, else <exp_dir or ./nemo_experiments>/<name>)."""
+    e = cfg.exp_manager
+    if e.explicit_log_dir:
+        return e.explicit_log_dir
+    return os.path.join(e.exp_dir or os.path.join(os.getcwd(), "nemo_experiments"), e.name or cfg.name)
 
 
 def attach_diversity(model) -> None:
@@ -250,6 +280,9 @@ def main(argv: Optional[List[str]] = None, default_config: str = "draftp_sd") ->
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except FloatingPointError as e:  # the NaN guard gave up (models/base.py)
+        print(f"error: training stopped: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except (FileNotFoundError, ValueError, TypeError, PermissionError) as e:
         if _is_user_input_error(e):
             print(f"error: {e}", file=sys.stderr)

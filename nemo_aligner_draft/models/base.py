@@ -12,6 +12,7 @@ global batch is split over ranks, micro-batches and accumulation.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from typing import Dict, List, Optional
@@ -27,6 +28,8 @@ from ..data.prompts import PromptDataset, collate_prompts
 from ..data.sampler import PromptSampler
 from ..rewards.base import Reward, check_reward_output
 from . import distributed
+
+_log = logging.getLogger("nemo_aligner_draft")
 
 
 def typed_model_config(cfg) -> ModelConfig:
@@ -243,6 +246,9 @@ class AlignmentModel(ModelPT):
             self.nan_skipped_steps += 1
             self._consecutive_bad += 1
             self.log("nan_skipped_steps", float(self.nan_skipped_steps), prog_bar=True)
+            _log.warning(f"non-finite loss or gradient at consumed_samples={self.consumed_samples}: optimizer "
+                         f"step skipped ({self._consecutive_bad} in a row, {self.nan_skipped_steps} in total, "
+                         f"model.nan_tolerance={self.mcfg.nan_tolerance})")
             if self._consecutive_bad >= self.mcfg.nan_tolerance:
                 raise FloatingPointError(
                     f"{self._consecutive_bad} consecutive steps had a non-finite loss or gradient "

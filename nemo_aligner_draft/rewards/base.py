@@ -162,11 +162,16 @@ def build_reward(name: str, path: Optional[str] = None, fp32: bool = False, **kw
 
 
 def check_reward_output(r: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    """Validate a reward's output: a float tensor of shape [B]."""
+    """Validate a reward's output: a floating tensor of shape ``[B]``. Messages start with ``rm.name``,
+    the key that chose the reward, so the CLI reports them as bad input rather than as a crash.
+    Finiteness is not checked here: a NaN reward is the NaN guard's job (skip the step, count it)."""
     if not torch.is_tensor(r):
-        raise TypeError(f"reward {name!r} returned {type(r).__name__}, expected a tensor of shape [{batch}]")
-    if r.shape != (batch,):
-        raise ValueError(f"reward {name!r} returned shape {tuple(r.shape)}, expected [{batch}]")
+        raise TypeError(f"rm.name: reward {name!r} returned {type(r).__name__}, expected a float tensor of "
+                        f"shape [{batch}] (one score per image)")
+    if tuple(r.shape) != (batch,):
+        raise ValueError(f"rm.name: reward {name!r} returned shape {tuple(r.shape)}, expected [{batch}] "
+                         f"(one score per image)")
     if not r.is_floating_point():
-        raise TypeError(f"reward {name!r} returned dtype {r.dtype}, expected a floating dtype")
+        raise TypeError(f"rm.name: reward {name!r} returned dtype {r.dtype}, expected a floating dtype "
+                        f"(float32, bfloat16, ...)")
     return r
