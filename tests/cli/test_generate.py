@@ -1,0 +1,113 @@
+"""nad-generate end to end on the tiny SD pipeline with random (non-zero) LoRAs saved in the diffusers
+format: AIG at w≡0 / w≡1 against the base / fine-tuned runs, soups at α = 1 / 0 against each LoRA
+alone, LoRA scale 0 against the base, batch-size invariance, written files and rewards, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+from nemo_aligner_draft.cli.generate import generate, main, parse_args
+
+
+def _make_lora(sd_dir, out, rank, alpha, seed):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from nemo_aligner_draft.export.lora import export_lora
+
+    unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return os.path.dirname(export_lora(unet, out))
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_sd_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("loras")
+    return (_make_lora(tiny_sd_dir, str(d / "a"), 4, 8.0, 1), _make_lora(tiny_sd_dir, str(d / "b"), 2, 2.0, 2))
+
+
+def _gen(sd_dir, out, *extra):
+    args = parse_args(["--model", sd_dir, "--prompt", "a red cube", "a blue ball", "--steps", "3",
+                       "--height", "64", "--width", "64", "--cfg", "3.0", "--batch", "2", "--seed", "5",
+                       "--out", str(out), *extra])
+    return generate(args)["images"]
+
+
+def test_aig_endpoints_equal_base_and_finetuned(tiny_sd_dir, loras, tmp_path):
+    base = _gen(tiny_sd_dir, tmp_path / "base")
+    tuned = _gen(tiny_sd_dir, tmp_path / "tuned", "--lora", loras[0])
+    aig0 = _gen(tiny_sd_dir, tmp_path / "aig0", "--lora", loras[0], "--aig", "constant_0")
+    aig1 = _gen(tiny_sd_dir, tmp_path / "aig1", "--lora", loras[0], "--aig", "constant_1")
+    lin = _gen(tiny_sd_dir, tmp_path / "lin", "--lora", loras[0], "--aig", "linear")
+    assert (base - tuned).abs().max() > 1e-2  # the LoRA matters, so the checks below can fail
+    assert torch.equal(aig0, base)
+    assert torch.equal(aig1, tuned)
+    assert (lin - base).abs().max() > 1e-4 and (lin - tuned).abs().max() > 1e-4
+    rec = json.load(open(tmp_path / "lin" / "generation.json"))
+    assert rec["aig_weights"] == [0.0, 0.5, 1.0]
+
+
+def test_soup_endpoints_and_lora_scale_zero(tiny_sd_dir, loras, tmp_path):
+    a = _gen(tiny_sd_dir, tmp_path / "a", "--lora", loras[0])
+    b = _gen(tiny_sd_dir, tmp_path / "b", "--lora", loras[1])
+    s1 = _gen(tiny_sd_dir, tmp_path / "s1", "--soup-lora", loras[0], loras[1], "--soup-alpha", "1")
+    s0 = _gen(tiny_sd_dir, tmp_path / "s0", "--soup-lora", loras[0], loras[1], "--soup-alpha", "0")
+    half = _gen(tiny_sd_dir, tmp_path / "sh", "--soup-lora", loras[0], loras[1], "--soup-alpha", "0.5")
+    # the soup folds alpha/r into B and stacks ranks: the same ΔW up to float32 rounding
+    assert (a - b).abs().max() > 1e-2
+    assert (s1 - a).abs().max() < 1e-5
+    assert (s0 - b).abs().max() < 1e-5
+    assert (half - a).abs().max() > 1e-3 and (half - b).abs().max() > 1e-3
+    base = _gen(tiny_sd_dir, tmp_path / "base")
+    zero = _gen(tiny_sd_dir, tmp_path / "z", "--lora", loras[0], "--lora-scale", "0")
+    assert torch.equal(zero, base)
+
+
+def test_outputs_rewards_and_batch_invariance(tiny_sd_dir, tmp_path):
+    from nemo_aligner_draft.rewards import build_reward
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# comment\na red cube\n\na blue ball\na green cone\n")
+    common = ["--model", tiny_sd_dir, "--prompt-file", str(prompts), "--steps", "2", "--height", "64",
+              "--width", "64", "--seed", "3", "--reward", "brightness"]
+    r3 = generate(parse_args([*common, "--batch", "3", "--out", str(tmp_path / "b3")]))
+    r1 = generate(parse_args([*common, "--batch", "1", "--out", str(tmp_path / "b1")]))
+    assert r3["images"].shape == (3, 3, 64, 64)
+    assert (r3["images"] - r1["images"]).abs().max() < 1e-5  # image i depends on seed + i only
+    rec = json.load(open(tmp_path / "b3" / "generation.json"))
+    assert [im["prompt"] for im in rec["images"]] == ["a red cube", "a blue ball", "a green cone"]
+    assert [im["seed"] for im in rec["images"]] == [3, 4, 5]
+    expected = build_reward("brightness")(r3["images"], ["a red cube", "a blue ball", "a green cone"])
+    got = torch.tensor([im["reward"] for im in rec["images"]])
+    assert torch.allclose(got, expected.float().reshape(-1), atol=1e-6)
+    files = sorted(os.listdir(tmp_path / "b3" / "images"))
+    assert files == ["00000.png", "00001.png", "00002.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "b3" / "grid.png").size == (128, 128)  # 2×2 grid of 64 px images
+
+
+def test_bad_input(tiny_sd_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--model", tiny_sd_dir, "--prompt", "x", "--aig", "linear", "--out", str(tmp_path)])
+    assert "--aig needs" in capsys.readouterr().err
+    assert main(["--model", tiny_sd_dir, "--prompt-file", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "none.txt" in capsys.readouterr().err
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"unet.down_blocks.9.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4),
+               "unet.down_blocks.9.attentions.0.proj_in.lora_B.weight": torch.zeros(4, 2)},
+              str(bogus / "pytorch_lora_weights.safetensors"))
+    assert main(["--model", tiny_sd_dir, "--prompt", "x", "--lora", str(bogus), "--steps", "1", "--height", "64",
+                 "--width", "64", "--out", str(tmp_path / "o2")]) == 2
+    assert "down_blocks.9.attentions.0.proj_in" in capsys.readouterr().err
+    assert main(["--model", tiny_sd_dir, "--prompt", "x", "--lora", str(tmp_path / "o"), "--steps", "1",
+                 "--out", str(tmp_path / "o3")]) == 2
