@@ -454,8 +454,17 @@ def validate(raw: Dict) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError([f"<root>: got {type(raw).__name__}, expected a mapping"])
     cfg = _build(Config, raw, "", problems)
-    if cfg is not None and not problems:
-        _check(cfg, problems)
+    if cfg is not None:
+        # Range checks run even when some keys were unknown or mistyped, so one attempt reports every
+        # problem. A mistyped key fell back to its default: checks that mention it are left out.
+        semantic: List[str] = []
+        try:
+            _check(cfg, semantic)
+        except Exception:
+            if not problems:
+                raise
+        broken = [p.split(":", 1)[0] for p in problems]
+        problems.extend(p for p in semantic if not any(k and k in p for k in broken))
     if problems:
         raise ConfigError(problems)
     return cfg
