@@ -135,8 +135,10 @@ class AlignPropConfig(Node):
     cut_distribution: str = "gaussian"  # gaussian | uniform | fixed
     cut_mean: float = 42.0  # in units of a 50-step schedule; scaled to inference_steps
     cut_std: float = 5.0
-    cut_min: int = 0
+    cut_min: int = 0  # uniform cuts (and per_step redraws) lie in [cut_min, cut_max]
     cut_max: int = 50
+    fixed_cut: int = 49  # cut_distribution=fixed: gradient on steps >= fixed_cut (49 of 50 = K=1)
+    reference_steps: int = 50  # the schedule length the cut values refer to
     loss_mode: str = "negate"  # negate | target
     loss_target: float = 0.0
     loss_coeff: float = 1.0
@@ -157,11 +159,18 @@ class DDPOConfig(Node):
 
 @dataclass
 class SDPOConfig(Node):
+    num_sample_batches: int = 2  # sample micro-batches (of pairs) per epoch
+    num_inner_epochs: int = 1
+    train_micro_batch_size: int = 1  # pairs per train micro-batch
+    timestep_fraction: float = 1.0
     gamma: float = 0.99
+    lam: float = 0.99  # temporal importance weight λ^i
+    log_scale: float = 1.0
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     stat_buffer_size: int = 32
     stat_min_count: int = 16
+    per_prompt_stat_tracking: bool = True
     eval_steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
 
 
@@ -431,11 +440,52 @@ def _check(cfg: Config, problems: List[str]) -> None:
                 problems.append(f"model.{other}: set, but model.algorithm is {m.algorithm!r}")
         if m.algorithm in ("alignprop", "ddpo", "sdpo") and getattr(m, m.algorithm) is None:
             problems.append(f"model.{m.algorithm}: missing (model.algorithm={m.algorithm} needs it)")
-    if m.ddpo is not None:
-        if not 0 < m.ddpo.timestep_fraction <= 1:
-            bad("model.ddpo.timestep_fraction", m.ddpo.timestep_fraction, "a number in (0, 1]")
+    if m.alignprop is not None:
+        a = m.alignprop
+        if a.truncation not in ("per_step", "per_rollout"):
+            bad("model.alignprop.truncation", a.truncation, "per_step or per_rollout")
+        if a.cut_distribution not in ("gaussian", "uniform", "fixed"):
+            bad("model.alignprop.cut_distribution", a.cut_distribution, "gaussian, uniform or fixed")
+        if a.cut_min > a.cut_max:
+            bad("model.alignprop.cut_min", a.cut_min, f"<= model.alignprop.cut_max={a.cut_max}")
+        if a.cut_std < 0:
+            bad("model.alignprop.cut_std", a.cut_std, "a number >= 0")
+        if a.reference_steps < 1:
+            bad("model.alignprop.reference_steps", a.reference_steps, "an integer >= 1")
+        if a.loss_mode not in ("negate", "target"):
+            bad("model.alignprop.loss_mode", a.loss_mode, "negate or target")
+    for name in ("ddpo", "sdpo"):
+        pg = getattr(m, name)
+        if pg is None:
+            continue
+        if not 0 < pg.timestep_fraction <= 1:
+            bad(f"model.{name}.timestep_fraction", pg.timestep_fraction, "a number in (0, 1]")
         if m.infer.eta <= 0:
-            bad("model.infer.eta", m.infer.eta, "> 0 for DDPO (log-probabilities need a stochastic sampler)")
+            bad("model.infer.eta", m.infer.eta, f"> 0 for {name.upper()} (log-probabilities need a stochastic sampler)")
+        for k in ("num_sample_batches", "num_inner_epochs", "train_micro_batch_size", "stat_buffer_size",
+                  "stat_min_count"):
+            if getattr(pg, k) < 1:
+                bad(f"model.{name}.{k}", getattr(pg, k), "an integer >= 1")
+        if pg.stat_min_count > pg.stat_buffer_size:
+            bad(f"model.{name}.stat_min_count", pg.stat_min_count, f"<= model.{name}.stat_buffer_size={pg.stat_buffer_size}")
+        if pg.train_micro_batch_size >= 1 and m.micro_batch_size % pg.train_micro_batch_size:
+            bad(f"model.{name}.train_micro_batch_size", pg.train_micro_batch_size,
+                f"a divisor of model.micro_batch_size={m.micro_batch_size} (one optimizer step per sample batch)")
+        if world and m.global_batch_size != m.micro_batch_size * world:
+            bad("model.global_batch_size", m.global_batch_size,
+                f"model.micro_batch_size × data-parallel size = {m.micro_batch_size * world} for {name} "
+                f"(samples per epoch are set by model.{name}.num_sample_batches)")
+        if pg.clip_range < 0 or pg.adv_clip_max <= 0:
+            bad(f"model.{name}.clip_range", pg.clip_range, f"clip_range >= 0 and adv_clip_max > 0 "
+                f"(adv_clip_max={pg.adv_clip_max})")
+    if m.sdpo is not None:
+        s = m.sdpo
+        if not 0 <= s.gamma <= 1:
+            bad("model.sdpo.gamma", s.gamma, "a number in [0, 1]")
+        if s.lam <= 0 or s.log_scale <= 0:
+            bad("model.sdpo.lam", (s.lam, s.log_scale), "lam > 0 and log_scale > 0")
+        if not s.eval_steps or any(n < 1 for n in s.eval_steps):
+            bad("model.sdpo.eval_steps", s.eval_steps, "a non-empty list of integers >= 1")
     if cfg.rm.name == "weighted_sum" and not cfg.rm.components:
         bad("rm.components", cfg.rm.components, "at least one reward when rm.name is weighted_sum")
 

@@ -60,6 +60,9 @@ class TrainingReport(Callback):
         entry = {"step": trainer.global_step, "reward_base": float(rb.mean()), "reward_tuned": float(rt.mean()),
                  "rewards_base": rb.tolist(), "rewards_tuned": rt.tolist(),
                  "prompts": [p for o in outs for p in o["prompts"]]}
+        # per-batch extra reward tensors a model adds (e.g. SDPO: reward at 1/2/4/8 sampling steps)
+        for key in outs[0].get("extra_rewards", {}):
+            entry[key] = float(torch.cat([o["extra_rewards"][key] for o in outs]).mean())
         diversity = getattr(pl_module, "diversity_fn", None)
         if diversity is not None:
             entry["diversity_base"] = float(diversity(base))
