@@ -25,8 +25,17 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .ldm_layout import (UNET_PREFIXES, VAE_PREFIXES, ConversionError, detect_unet_layout, strip_prefix,
-                         unet_from_nemo, unet_key_map, unet_to_nemo, vae_from_nemo, vae_to_nemo)
+from .ldm_layout import (
+    UNET_PREFIXES,
+    VAE_PREFIXES,
+    ConversionError,
+    strip_prefix,
+    unet_from_nemo,
+    unet_key_map,
+    unet_to_nemo,
+    vae_from_nemo,
+    vae_to_nemo,
+)
 
 NEMO_UNET_PREFIX = "model.model.diffusion_model."  # MegatronLatentDiffusion → LatentDiffusion → wrapper
 NEMO_VAE_PREFIX = "model.first_stage_model."
@@ -259,14 +268,13 @@ def export_nemo(source: str, out_file: str, base: Optional[str] = None, layout: 
                               "diffusers_config": json.loads(json.dumps(dict(unet.config), default=list))},
               "first_stage_config": {"diffusers_config": json.loads(json.dumps(dict(vae.config), default=list))},
               "scale_factor": float(vae.config.scaling_factor), "converted_by": "nemo_aligner_draft"}
-    with atomic_output(out_file, is_dir=False) as tmp:
-        with tempfile.TemporaryDirectory() as work:
-            with open(os.path.join(work, "model_config.yaml"), "w") as f:
-                yaml.safe_dump(config, f)
-            torch.save(weights, os.path.join(work, "model_weights.ckpt"))
-            with tarfile.open(tmp, "w") as tar:
-                for name in ("model_config.yaml", "model_weights.ckpt"):
-                    tar.add(os.path.join(work, name), arcname=f"./{name}")
+    with atomic_output(out_file, is_dir=False) as tmp, tempfile.TemporaryDirectory() as work:
+        with open(os.path.join(work, "model_config.yaml"), "w") as f:
+            yaml.safe_dump(config, f)
+        torch.save(weights, os.path.join(work, "model_weights.ckpt"))
+        with tarfile.open(tmp, "w") as tar:
+            for name in ("model_config.yaml", "model_weights.ckpt"):
+                tar.add(os.path.join(work, name), arcname=f"./{name}")
     return out_file
 
 
@@ -351,7 +359,11 @@ def nemo_lora_to_diffusers(weights: Dict[str, torch.Tensor], unet_config, unet_k
 def import_nemo_lora(path: str, base: str, out_dir: str, alpha: Optional[float] = None) -> str:
     """NeMo-Aligner DRaFT+ LoRA (``.nemo`` or ``.ckpt``) → ``out_dir/pytorch_lora_weights.safetensors``.
     ``alpha``: the run's ``model.peft.lora_tuning.network_alpha`` (read from the .nemo config if omitted)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     base = _check_pipeline(base, "--base")
     config, weights = read_nemo_archive(path)

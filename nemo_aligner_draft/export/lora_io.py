@@ -12,8 +12,8 @@ from typing import Dict, Tuple
 
 import torch
 
-from .lora import WEIGHT_NAME
 from .ldm_layout import ConversionError
+from .lora import WEIGHT_NAME
 
 META_KEY = "lora_adapter_metadata"
 
@@ -32,7 +32,7 @@ def read_lora(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
         raise FileNotFoundError(f"LoRA file {path!r} does not exist")
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     bad = [k for k in state if not k.startswith("unet.") or ".lora_" not in k]
     if bad:
         raise ConversionError(f"{path!r}: {len(bad)} keys are not diffusers UNet LoRA factors "

@@ -49,7 +49,7 @@ def test_aig_endpoints_equal_base_and_finetuned(tiny_sd_dir, loras, tmp_path):
     assert torch.equal(aig0, base)
     assert torch.equal(aig1, tuned)
     assert (lin - base).abs().max() > 1e-4 and (lin - tuned).abs().max() > 1e-4
-    rec = json.load(open(tmp_path / "lin" / "generation.json"))
+    rec = json.loads((tmp_path / "lin" / "generation.json").read_text())
     assert rec["aig_weights"] == [0.0, 0.5, 1.0]
 
 
@@ -80,7 +80,7 @@ def test_outputs_rewards_and_batch_invariance(tiny_sd_dir, tmp_path):
     r1 = generate(parse_args([*common, "--batch", "1", "--out", str(tmp_path / "b1")]))
     assert r3["images"].shape == (3, 3, 64, 64)
     assert (r3["images"] - r1["images"]).abs().max() < 1e-5  # image i depends on seed + i only
-    rec = json.load(open(tmp_path / "b3" / "generation.json"))
+    rec = json.loads((tmp_path / "b3" / "generation.json").read_text())
     assert [im["prompt"] for im in rec["images"]] == ["a red cube", "a blue ball", "a green cone"]
     assert [im["seed"] for im in rec["images"]] == [3, 4, 5]
     expected = build_reward("brightness")(r3["images"], ["a red cube", "a blue ball", "a green cone"])

@@ -4,8 +4,16 @@ names, equal model outputs after conversion, and the error messages for mismatch
 import pytest
 import torch
 
-from nemo_aligner_draft.export.ldm_layout import (LAYOUTS, ConversionError, detect_unet_layout, unet_from_nemo,
-                                                  unet_key_map, unet_to_nemo, vae_from_nemo, vae_to_nemo)
+from nemo_aligner_draft.export.ldm_layout import (
+    LAYOUTS,
+    ConversionError,
+    detect_unet_layout,
+    unet_from_nemo,
+    unet_key_map,
+    unet_to_nemo,
+    vae_from_nemo,
+    vae_to_nemo,
+)
 from nemo_aligner_draft.testing.tiny import TINY_UNET, TINY_VAE
 
 # an SDXL-shaped UNet: 3 levels, 2 layers per block, no attention on the first level, add_embedding
