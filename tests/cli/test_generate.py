@@ -111,3 +111,17 @@ def test_bad_input(tiny_sd_dir, tmp_path, capsys):
     assert "down_blocks.9.attentions.0.proj_in" in capsys.readouterr().err
     assert main(["--model", tiny_sd_dir, "--prompt", "x", "--lora", str(tmp_path / "o"), "--steps", "1",
                  "--out", str(tmp_path / "o3")]) == 2
+
+
+def test_sdxl_lora_and_aig_endpoints(tmp_path):
+    """The same CLI path on the SDXL backend (two text encoders, added conditioning, Euler)."""
+    from nemo_aligner_draft.testing.tiny_sdxl import save_tiny_sdxl
+
+    sdxl = save_tiny_sdxl(str(tmp_path / "sdxl"))
+    lora = _make_lora(sdxl, str(tmp_path / "lora"), 4, 4.0, 3)
+    base = _gen(sdxl, tmp_path / "base")
+    tuned = _gen(sdxl, tmp_path / "tuned", "--lora", lora)
+    aig1 = _gen(sdxl, tmp_path / "aig1", "--lora", lora, "--aig", "constant_1")
+    aig0 = _gen(sdxl, tmp_path / "aig0", "--lora", lora, "--aig", "constant_0")
+    assert (base - tuned).abs().max() > 1e-3
+    assert torch.equal(aig1, tuned) and torch.equal(aig0, base)
