@@ -12,6 +12,7 @@ train. Bad input therefore exits with one message and leaves no run directory be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -54,12 +55,19 @@ def preflight(cfg) -> dict:
     from ..rewards.base import Reward
 
     m = cfg.model
-    detect_family(m.pretrained)  # raises FileNotFoundError naming model.pretrained
+    with input_errors("model.pretrained", m.pretrained, "a diffusers pipeline"):
+        detect_family(m.pretrained)  # raises FileNotFoundError naming model.pretrained
     train = load_prompts(m.data.train.dataset_path, "model.data.train.dataset_path", m.data.max_prompt_chars)
+    world = _world(cfg.trainer)
+    if len(train) < m.micro_batch_size * world:
+        raise ValueError(f"model.data.train.dataset_path: {len(train)} prompt(s), fewer than one round of "
+                         f"model.micro_batch_size × data-parallel size = {m.micro_batch_size} × {world}")
     val = None
     if m.data.validation.dataset_path:
         val = load_prompts(m.data.validation.dataset_path, "model.data.validation.dataset_path", m.data.max_prompt_chars)
-    reward = build_reward_from_config(cfg.rm)
+    with input_errors("rm.model.restore_from_path" if cfg.rm.model.restore_from_path else "rm.name",
+                      cfg.rm.model.restore_from_path or cfg.rm.name, "the reward"):
+        reward = build_reward_from_config(cfg.rm)
     if not reward.differentiable and m.algorithm in ("draftp", "alignprop"):
         raise ValueError(f"rm.name: reward {reward.name!r} is not differentiable; model.algorithm={m.algorithm} "
                          f"backpropagates through the reward (use ddpo or sdpo, or a differentiable reward)")
@@ -211,9 +219,10 @@ def run(cfg, dict_cfg) -> str:
     accumulation = max(cfg.model.global_batch_size // (cfg.model.micro_batch_size * world), 1)
     max_steps = effective_max_steps(cfg.loop, cfg.trainer.max_steps, len(inputs["train"]), cfg.model.global_batch_size)
     cls = model_class(cfg.model.algorithm)
-    model = cls(cfg=OmegaConf.create(OmegaConf.to_container(dict_cfg.model, resolve=True)), trainer=None,
-                loop=cfg.loop, reward=inputs["reward"], train_prompts=inputs["train"], val_prompts=inputs["val"],
-                precision=cfg.trainer.precision)
+    with input_errors("model.pretrained", cfg.model.pretrained, "a diffusers pipeline"):
+            model = cls(cfg=OmegaConf.create(OmegaConf.to_container(dict_cfg.model, resolve=True)), trainer=None,
+                    loop=cfg.loop, reward=inputs["reward"], train_prompts=inputs["train"], val_prompts=inputs["val"],
+                    precision=cfg.trainer.precision)
     attach_diversity(model)
     trainer = build_trainer(cfg, max_steps, accumulation)
     from nemo.utils.exp_manager import exp_manager
@@ -295,6 +304,19 @@ def main(argv: Optional[List[str]] = None, default_config: str = "draftp_sd") ->
         raise
     print(f"run directory: {log_dir}")
     return 0
+
+
+@contextlib.contextmanager
+def input_errors(key: str, path, what: str):
+    """Loading ``what`` from a user path: an error that does not already name a key (a corrupt JSON
+    file, a truncated safetensors file) is re-raised as one line naming ``key`` and the path."""
+    try:
+        yield
+    except Exception as e:
+        if _is_user_input_error(e) or isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        detail = (str(e).strip().splitlines() or [""])[-1][:300]
+        raise ValueError(f"{key}: cannot load {what} from {path!r}: {type(e).__name__}: {detail}") from e
 
 
 def _is_user_input_error(e: Exception) -> bool:

@@ -55,6 +55,8 @@ def load_prompts(path: str, key: str = "model.data.train.dataset_path", max_char
         if name not in BUILTIN_PROMPTS:
             raise ValueError(f"{key}: unknown built-in prompt set {name!r}; known: {sorted(BUILTIN_PROMPTS)}")
         return list(BUILTIN_PROMPTS[name]())
+    if os.path.isdir(path):
+        raise ValueError(f"{key}: {path!r} is a directory, expected a prompt file (.txt or .jsonl)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{key}: prompt file {path!r} does not exist")
     try:

@@ -66,8 +66,11 @@ def safe_load_checkpoint(path, map_location="cpu"):
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist") from None
     except Exception as e:  # truncated file, foreign pickle, classes outside the allow-list
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {str(path)!r} cannot be loaded safely (weights_only=True): {first}") from e
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's refusal is several paragraphs; the line naming the forbidden global is the useful one
+        named = [line for line in lines if "unsupported global" in line.lower() or "WeightsUnpickler error" in line]
+        detail = (named or lines or [type(e).__name__])[-1][:400]
+        raise ValueError(f"checkpoint {str(path)!r} cannot be loaded safely (weights_only=True): {detail}") from e
 
 
 def _pid_alive(pid: int) -> bool:
