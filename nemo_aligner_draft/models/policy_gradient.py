@@ -86,6 +86,11 @@ class PolicyGradientModel(AlignmentModel):
 
     def train_dataloader(self):
         ds = PromptDataset(self.train_prompts)
+        need = self.prompts_per_epoch * self.dp_size
+        if len(ds) < need:
+            raise ValueError(f"model.{self.algo}.num_sample_batches: one PPO epoch draws micro_batch_size × "
+                             f"num_sample_batches × data-parallel size = {need} prompts, but "
+                             f"model.data.train.dataset_path has only {len(ds)}")
         trainer = getattr(self, "_trainer", None)
         max_steps = trainer.max_steps if trainer is not None else -1
         sampler = PromptSampler(len(ds), self.prompts_per_epoch, self.dp_rank, self.dp_size, self.mcfg.seed,
