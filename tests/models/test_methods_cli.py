@@ -139,8 +139,8 @@ IMPROVE = {
     "ddpo_tiny": dict(steps=60, val_every=20, extra=["model.optim.lr=0.0003", "model.infer.inference_steps=3",
                                                      "model.ddpo.num_sample_batches=3", "model.ddpo.clip_range=0.1",
                                                      "model.ddpo.timestep_fraction=1.0"]),
-    "sdpo_tiny": dict(steps=30, val_every=10, extra=["model.optim.lr=0.0003", "model.infer.inference_steps=3",
-                                                     "model.sdpo.num_sample_batches=3", "model.sdpo.clip_range=0.1",
+    "sdpo_tiny": dict(steps=45, val_every=15, extra=["model.optim.lr=0.001", "model.infer.inference_steps=3",
+                                                     "model.sdpo.num_sample_batches=3", "model.sdpo.clip_range=0.5",
                                                      "model.sdpo.timestep_fraction=1.0", "model.sdpo.eval_steps=[1]"]),
 }
 
