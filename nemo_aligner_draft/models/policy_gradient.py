@@ -148,9 +148,9 @@ class PolicyGradientModel(AlignmentModel):
             rule, cond, latents, g = self.sampling_setup(chunk, self._rollout_round(epoch_round, j), "rollout")
             first, second = sdpo_paired_rollout(self.backend.denoiser(cond, w), rule, latents, eta, generator=g)
             for ro, out in ((first, returns1), (second, returns2)):
-                # the scorer sees each step's x̂0 for the prompt of its row
+                step_prompts = [p for p in chunk for _ in range(rule.num_steps)]  # row b·T + t is prompt b
                 dense = dense_rewards(ro.pred_x0_steps, self.decode,
-                                      lambda imgs, c=chunk: self.score(imgs, [p for p in c for _ in range(rule.num_steps)])[0])
+                                      lambda imgs, ps=step_prompts: self.score(imgs, ps)[0])
                 out.append(discounted_returns(dense, self.core_cfg.gamma))
             finals.append(torch.cat([returns1[-1][:, -1], returns2[-1][:, -1]]))
             firsts.append(first)

@@ -24,7 +24,7 @@ def overrides(name, sd_dir, run_dir, steps, val_every, extra=()):
     return [f"--config-name={name}", f"model.pretrained={sd_dir}", f"exp_manager.explicit_log_dir={run_dir}",
             f"trainer.max_steps={steps}", f"trainer.{loop}.max_steps={steps}",
             f"trainer.{loop}.val_check_interval={val_every}", f"trainer.{loop}.save_interval={steps}",
-            "trainer.{}.limit_val_batches=1".format(loop), *extra]
+            f"trainer.{loop}.limit_val_batches=1", *extra]
 
 
 # Short runs: 2 training steps each (AlignProp: 2 optimizer steps; DDPO/SDPO: 2 PPO epochs of

@@ -11,8 +11,10 @@ samples generated so far and against the training wall time. Writes to ``--out``
 
 Model and reward: the embedded pretrained model and its reward when its SD weights are shipped
 (``nemo_aligner_draft/embedded/assets/sd/model_index.json``); otherwise a tiny random SD built
-offline with the ``brightness`` reward (the run says which). Full fine-tuning; reward-gradient
-methods use lr 3e-3, the policy-gradient methods 3e-4 (3e-3 makes PPO diverge on this model).
+offline with the ``brightness`` reward (the run says which). Full fine-tuning, 3 DDIM steps,
+micro-batch 4. Learning rates are per method, the ones the tests use: reward-gradient methods 3e-3;
+DDPO 3e-4 with clip_range 0.1 (1e-3 made its approx_kl blow up); SDPO 1e-3 with clip_range 0.5
+(3e-4 did not move the reward in 30 optimizer steps).
 
     OMP_NUM_THREADS=1 python examples/mm/stable_diffusion/compare_methods.py --out runs/compare --samples 240
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -39,7 +42,9 @@ METHODS = {
                                              "model.lv_copies=2"], 4, 1),
     "AlignProp": ("alignprop_tiny", "alignprop", [], 4, 1),
     "DDPO": ("ddpo_tiny", "ddpo", [o.format(a="ddpo") for o in PG], 4, 3),
-    "SDPO": ("sdpo_tiny", "sdpo", [o.format(a="sdpo") for o in PG] + ["model.sdpo.eval_steps=[1]"], 8, 3),
+    "SDPO": ("sdpo_tiny", "sdpo", ["model.optim.lr=0.001", "model.sdpo.num_sample_batches=3",
+                                   "model.sdpo.clip_range=0.5", "model.sdpo.timestep_fraction=1.0",
+                                   "model.sdpo.eval_steps=[1]"], 8, 3),
 }
 
 
@@ -87,7 +92,7 @@ def run_method(name, sd, common, out, samples, val_points, limit_val):
     clock, elapsed = {}, 0.0
     for h in train:
         st = h.get("step_time", float("nan"))
-        elapsed += st if st == st else 0.0
+        elapsed += 0.0 if math.isnan(st) else st
         clock[h["step"]] = elapsed
     points = [{"step": 0, "samples": 0, "wall_s": 0.0, "reward": metrics["validation"][0]["reward_base"]}]
     for v in metrics["validation"]:
@@ -133,10 +138,10 @@ def main_cli(argv=None):
                      "samples_to_ddpo_final": need, "train_wall_s": pts[-1]["wall_s"], "run_s": r["total_s"]})
     with open(os.path.join(args.out, "compare_methods.json"), "w") as f:
         json.dump({"setting": setting, "args": vars(args), "results": results, "table": rows}, f, indent=1)
-    lines = [f"Setting: {setting}; {args.samples} training samples per method, held-out reward on "
-             f"{4 * args.limit_val_batches} prompts (fixed latents).", "",
-             "| method | base reward | final reward | gain | samples generated | samples to reach DDPO's final | "
-             "train wall time (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [(f"Setting: {setting}; {args.samples} training samples per method, held-out reward on "
+              f"{4 * args.limit_val_batches} prompts (fixed latents)."), "",
+             ("| method | base reward | final reward | gain | samples generated | samples to reach DDPO's final | "
+              "train wall time (s) |"), "|---|---|---|---|---|---|---|"]
     for r in rows:
         need = "not reached" if r["samples_to_ddpo_final"] is None else str(r["samples_to_ddpo_final"])
         lines.append(f"| {r['method']} | {r['base']:.4f} | {r['final']:.4f} | {r['gain']:+.4f} | {r['samples']} | "
