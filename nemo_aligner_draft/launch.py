@@ -35,14 +35,19 @@ PORT_BASE, PORT_SPAN = 20000, 20000
 def expand_hostlist(nodelist: str) -> List[str]:
     """Host names of a Slurm node list, via ``scontrol show hostnames`` (the authority on its syntax).
 
-    Without ``scontrol`` on PATH (a container without Slurm's client tools) the common forms
+    Without a working ``scontrol`` (a container without Slurm's client tools or config) the common forms
     ``a,b``, ``node[1-3,7]`` and ``gpu[01-02]`` are expanded here; anything else is an error.
     """
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True)
-        hosts = out.stdout.split()
-        if hosts:
-            return hosts
+        try:  # without a slurm.conf scontrol retries for a minute: do not wait that long
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=10)
+            hosts = out.stdout.split()
+            if out.returncode == 0 and hosts:
+                return hosts
+        except subprocess.TimeoutExpired:
+            pass
+    # no scontrol, or one that cannot read a slurm.conf (inside some containers)
     return _expand_simple(nodelist)
 
 
