@@ -12,7 +12,7 @@ Lightning shells call):
   one inner epoch of PPO-clip over all steps (timestep_fraction 1, gradients of all steps of a
   train batch accumulated before each AdamW step, lr 3e-4 — the DDPO paper's LoRA setting).
 
-Every ``--eval-every`` updates both are evaluated on the same fixed set of prompts and initial
+Every ``--eval-every`` DDPO epochs and every ``--draft-eval-every`` DRaFT+ steps the policy is evaluated on the same fixed set of prompts and initial
 noises with the deterministic sampler (eta 0); evaluation samples are not counted. Result: DDPO's
 final evaluation reward, the first DRaFT+ evaluation at or above it, and the ratio of generated
 training samples (target >= 25x, AlignProp's published claim). One seed: a single run, not an
@@ -56,6 +56,18 @@ def setup(seed: int):
     backend.setup_reference(use_adapters=True)
     reward = build_reward(reward_name)
     return backend, params, reward, prompts, path, reward_name, cfg_scale
+
+
+def weight_hashes(path: str) -> dict:
+    """sha256 (first 16 hex) of each weights file, so a result names the exact model it ran on."""
+    import glob
+    import hashlib
+
+    out = {}
+    for f in sorted(glob.glob(os.path.join(path, "*", "*.safetensors"))):
+        with open(f, "rb") as fh:
+            out[os.path.relpath(f, path)] = hashlib.sha256(fh.read()).hexdigest()[:16]
+    return out
 
 
 def evaluator(backend, reward, prompts, cfg_scale, n_eval=8):
@@ -102,7 +114,7 @@ def run_draft(a):
         opt.step()
         opt.zero_grad(set_to_none=True)
         samples += a.batch
-        if step % a.eval_every == 0:
+        if step % a.draft_eval_every == 0:
             curve.append((samples, evaluate()))
             log(f"  DRaFT+ step {step}: {samples} samples, eval reward {curve[-1][1]:.4f}")
     return curve, path, reward_name
@@ -151,10 +163,12 @@ def run_ddpo(a):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--draft-steps", type=int, default=40)
-    ap.add_argument("--ddpo-epochs", type=int, default=40)
+    ap.add_argument("--ddpo-epochs", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--ddpo-samples", type=int, default=8)
-    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--eval-every", type=int, default=8, help="DDPO epochs between evaluations")
+    ap.add_argument("--draft-eval-every", type=int, default=1,
+                    help="DRaFT+ steps between evaluations (the resolution of 'samples to reach')")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     import torch
@@ -173,11 +187,13 @@ def main(argv=None):
     ddpo_samples = ddpo[-1][0]
     ratio = ddpo_samples / reached if reached else None
     improved = target_reward > start
+    max_measurable = ddpo[-1][0] / (a.batch * a.draft_eval_every)
     model = "embedded pipeline" if path == EMBEDDED_SD else "tiny random SD (no embedded pipeline found)"
     data = {"benchmark": "sample_efficiency", "machine": machine_info(), "model": model, "reward": reward_name,
-            "settings": vars(a), "ddpo_curve": ddpo, "draft_curve": draft, "ddpo_final_reward": target_reward,
+            "weights_sha256": weight_hashes(path), "settings": vars(a), "ddpo_curve": ddpo, "draft_curve": draft, "ddpo_final_reward": target_reward,
             "start_reward": start, "ddpo_improved": improved, "draft_samples_to_reach": reached,
             "ddpo_samples": ddpo_samples, "ratio": ratio, "target_ratio": 25.0,
+            "max_measurable_ratio": max_measurable,
             "met": bool(ratio is not None and ratio >= 25 and improved),
             "wall_s": {"ddpo": t1 - t0, "draft": t2 - t1}}
     write_json("sample_efficiency", data)
@@ -186,6 +202,8 @@ def main(argv=None):
     else:
         verdict = (f"DRaFT+ reached DDPO's final reward {target_reward:.4f} after {reached} samples; DDPO used "
                    f"{ddpo_samples}: {ratio:.1f}x fewer (target >= 25x: {'met' if data['met'] else 'NOT met'})")
+    verdict += (f". The largest ratio this run can show is {max_measurable:.0f}x (DDPO's {ddpo[-1][0]} samples over "
+                f"DRaFT+'s evaluation resolution of {a.batch * a.draft_eval_every} samples)")
     if not improved:
         verdict += f"; note DDPO did not improve on the starting reward {start:.4f}, so the ratio says little"
     table = md_table(["method", "training samples", "eval reward at start", "eval reward at end", "wall s"], [
