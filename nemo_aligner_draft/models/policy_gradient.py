@@ -101,6 +101,7 @@ class PolicyGradientModel(AlignmentModel):
     # ------------------------------------------------------------------ one PPO epoch
     def training_step(self, batch, batch_idx):
         prompts: List[str] = list(batch["prompt"])
+        self._epoch_start = time.perf_counter()
         epoch_round = self.consumed_samples // (self.prompts_per_epoch * self.dp_size)
         mbs = self.mcfg.micro_batch_size
         chunks = [prompts[i:i + mbs] for i in range(0, len(prompts), mbs)]
@@ -216,6 +217,9 @@ class PolicyGradientModel(AlignmentModel):
                     logs.update(reward_stats)
                     logs["samples_seen"] = torch.tensor(float(self.samples_seen))
                     logs["ppo_epoch"] = torch.tensor(float(self.ppo_epochs))
+                    # seconds since this PPO epoch began (sampling included); the last window's value
+                    # is the epoch's wall time
+                    logs["epoch_time"] = torch.tensor(time.perf_counter() - self._epoch_start)
                     self._finish_accumulation_window(logs)
                     self._step_start = time.perf_counter()  # the base resets it once per window
                     last, window = logs, {}

@@ -77,7 +77,8 @@ def run_method(name, sd, common, out, samples, val_points, limit_val):
             f"trainer.max_steps={opt_steps}", f"trainer.{loop}.max_steps={opt_steps}",
             f"trainer.{loop}.val_check_interval={val_every}", f"trainer.{loop}.save_interval={opt_steps}",
             f"trainer.{loop}.limit_val_batches={limit_val}", "model.peft.peft_scheme=none",
-            "exp_manager.create_tensorboard_logger=false", "model.infer.inference_steps=3", *common, *extra]
+            "exp_manager.create_tensorboard_logger=false", "model.infer.inference_steps=3",
+            "model.decode_target=x0", *common, *extra]
     if cfg in ("draftp_tiny", "alignprop_tiny"):
         args.append("model.optim.lr=0.003")
     t0 = time.perf_counter()
@@ -87,11 +88,12 @@ def run_method(name, sd, common, out, samples, val_points, limit_val):
         raise SystemExit(f"{name}: training exited with {rc}")
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     train = metrics["train"]
-    # training wall time up to each step (step_time covers the optimizer step's forward/backward;
-    # validation and start-up are excluded), and samples generated up to each step
+    # training wall time up to each step (validation and start-up excluded)
     clock, elapsed = {}, 0.0
     for h in train:
-        st = h.get("step_time", float("nan"))
+        # one history entry per training step: DRaFT/AlignProp log that step's step_time, DDPO/SDPO
+        # the PPO epoch's elapsed time (sampling + all its optimizer steps)
+        st = h.get("epoch_time", h.get("step_time", float("nan")))
         elapsed += 0.0 if math.isnan(st) else st
         clock[h["step"]] = elapsed
     points = [{"step": 0, "samples": 0, "wall_s": 0.0, "reward": metrics["validation"][0]["reward_base"]}]
