@@ -133,23 +133,12 @@ RANK_DUMP_ENV = "NAD_RANK_DUMP_DIR"
 
 def build_trainer(cfg, max_steps: int, accumulation: int):
     from lightning.pytorch import Trainer
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     from ..models.checkpoint_io import AtomicCheckpointIO
 
     t, loop = cfg.trainer, cfg.loop
     accelerator = "gpu" if t.accelerator == "cuda" else t.accelerator
-    strategy = t.strategy
-    import torch
-
-    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
-    backend = "nccl" if on_gpu else "gloo"
-    if strategy == "ddp":
-        strategy = DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
-    elif strategy == "fsdp":
-        strategy = FSDPStrategy(process_group_backend=backend)
-    elif strategy == "auto" and (_world(t) > 1):
-        strategy = DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
+    strategy = build_strategy(t, accelerator)
     val_every = loop.val_check_interval * accumulation if loop.val_check_interval > 0 else None
     precision = t.precision if str(t.precision) != "32" else "32-true"
     callbacks = []
@@ -164,6 +153,26 @@ def build_trainer(cfg, max_steps: int, accumulation: int):
         limit_val_batches=loop.limit_val_batches if val_every else 0, num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps, plugins=[AtomicCheckpointIO()], enable_model_summary=False,
     )
+
+
+def build_strategy(t, accelerator: str):
+    """Lightning strategy for ``trainer.strategy``: DDP (gloo on CPU, NCCL on GPU) whenever the world
+    has more than one process, FSDP on request. The gradient all-reduce is Lightning's, never ours."""
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    backend = "nccl" if on_gpu else "gloo"
+    if t.strategy == "fsdp":
+        if not on_gpu:
+            raise ValueError("trainer.strategy: fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU "
+                             "accelerator); use trainer.strategy=ddp or auto on CPU")
+        # use_orig_params: frozen (VAE, text encoders, reference) and trainable weights share flat
+        # parameters; activation checkpointing is the model's own (model.activation_checkpointing)
+        return FSDPStrategy(process_group_backend=backend, use_orig_params=True)
+    if t.strategy == "ddp" or (t.strategy == "auto" and _world(t) > 1):
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
+    return t.strategy
 
 
 def _world(t) -> int:
@@ -255,21 +264,20 @@ def planned_log_dir(cfg) -> str:
 
 
 def attach_diversity(model) -> None:
-    """Validation diversity, when the reward offers an image embedding (embedded model) or LPIPS is set up."""
-    embed = getattr(model.reward, "image_embedding", None)
-    if callable(embed):
-        def diversity(images):
-            import torch
+    """Validation diversity when the reward exposes ``image_embeddings`` (CLIP-type rewards): the mean
+    pairwise cosine distance of the validation images' embeddings, base vs fine-tuned."""
+    embed = getattr(model.reward, "image_embeddings", None)
+    if not callable(embed):
+        return
+    import torch
 
-            with torch.no_grad():
-                e = torch.nn.functional.normalize(embed(images.to(model.device)).float(), dim=-1)
-            n = e.shape[0]
-            if n < 2:
-                return float("nan")
-            sim = e @ e.T
-            return float((1 - sim)[~torch.eye(n, dtype=torch.bool)].mean())
+    from ..embedded.diversity import mean_pairwise_cosine_distance
 
-        model.diversity_fn = diversity
+    def diversity(images):
+        with torch.no_grad():
+            return float(mean_pairwise_cosine_distance(embed(images.to(model.device)).float()))
+
+    model.diversity_fn = diversity
 
 
 def main(argv: Optional[List[str]] = None, default_config: str = "draftp_sd") -> int:
