@@ -316,6 +316,15 @@ class AlignmentModel(ModelPT):
                                          "peft_scheme": self.mcfg.peft.peft_scheme,
                                          "adapter_dim": self.mcfg.peft.lora_tuning.adapter_dim}
 
+    def on_train_start(self) -> None:
+        # Restored EMA state (exp_manager.ema): NeMo's -EMA.ckpt stores the live parameters in its
+        # "ema" slot, so after a resume the EMA copies are leaves that require grad and NeMo's
+        # in-place weight swap at the next save fails. They are plain buffers: drop the grad flag.
+        for opt in self.trainer.optimizers:
+            ema = getattr(opt, "ema_params", None)
+            if ema:
+                opt.ema_params = tuple(t.detach() for t in ema)
+
     def on_load_checkpoint(self, checkpoint: Dict) -> None:
         state = checkpoint.get("alignment_state")
         if state is None:

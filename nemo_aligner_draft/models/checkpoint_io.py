@@ -60,9 +60,11 @@ def checkpoint_safe_globals() -> list:
 
 def safe_load_checkpoint(path, map_location="cpu"):
     """``torch.load(path, weights_only=True)`` with the OmegaConf allow-list; errors name the path."""
+    # Registered process-wide rather than with the safe_globals context manager: leaving that context
+    # removes the listed classes again, including the registration NeMo's EMA callback relies on.
+    allow_checkpoint_globals()
     try:
-        with torch.serialization.safe_globals(checkpoint_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist") from None
     except Exception as e:  # truncated file, foreign pickle, classes outside the allow-list
@@ -119,7 +121,18 @@ def tidy_checkpoint_dir(directory: str) -> List[str]:
     return changed
 
 
+def allow_checkpoint_globals() -> None:
+    """Register the allow-list process-wide: NeMo's EMA callback reads ``*-EMA.ckpt`` with a plain
+    ``torch.load`` (weights_only=True by default since torch 2.6), which otherwise refuses our
+    checkpoints' OmegaConf ``hyper_parameters`` and breaks every resume with EMA enabled."""
+    torch.serialization.add_safe_globals(checkpoint_safe_globals())
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
+    def __init__(self):
+        super().__init__()
+        allow_checkpoint_globals()
+
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         atomic_torch_save(checkpoint, str(path))
 
