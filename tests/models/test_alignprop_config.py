@@ -1,0 +1,72 @@
+"""The AlignProp launch configs reach the core with the truncation and loss they name.
+
+``DraftPlusModel.alignprop_config`` maps ``model.alignprop`` onto :class:`core.alignprop.AlignPropConfig`;
+the step plan it produces is checked against the recipe (K=1 recipes: gradient on the last step only;
+gaussian recipes: cuts around 42 of 50; the tiny config: the original per-step redraw).
+"""
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def typed(name, tiny_sd_dir):
+    from nemo_aligner_draft.cli.train import compose
+    from nemo_aligner_draft.config import load_config
+
+    fill = [f"model.pretrained={tiny_sd_dir}"]
+    if "tiny" not in name:
+        fill += ["model.data.train.dataset_path=prompts.txt", "rm.model.restore_from_path=rm"]
+    return load_config(compose(os.path.join(REPO, "conf"), name, fill))
+
+
+def core_config(name, tiny_sd_dir):
+    from nemo_aligner_draft.models.draftp import DraftPlusModel
+
+    cfg = typed(name, tiny_sd_dir)
+    return DraftPlusModel.alignprop_config(SimpleNamespace(mcfg=cfg.model)), cfg
+
+
+@pytest.mark.parametrize("name,reward,loss_mode", [("alignprop_aesthetic_k1", "aesthetic", "target"),
+                                                   ("alignprop_hps_k1", "hpsv2", "negate")])
+def test_k1_recipes_put_gradient_on_the_last_step_only(name, reward, loss_mode, tiny_sd_dir):
+    from nemo_aligner_draft.core.alignprop import alignprop_plan
+
+    core, cfg = core_config(name, tiny_sd_dir)
+    assert cfg.rm.name == reward and core.loss_mode == loss_mode and core.truncation == "fixed"
+    for steps in (50, 10):
+        plan = alignprop_plan(core, steps, torch.Generator().manual_seed(0))
+        assert plan.grad_steps == [steps - 1], (steps, plan.grad_steps)
+
+
+@pytest.mark.parametrize("name", ["alignprop_aesthetic", "alignprop_hps"])
+def test_gaussian_recipes_draw_cuts_around_42_of_50(name, tiny_sd_dir):
+    from nemo_aligner_draft.core.alignprop import draw_cut
+
+    core, cfg = core_config(name, tiny_sd_dir)
+    assert core.truncation == "gaussian" and cfg.model.infer.inference_steps == 50
+    g = torch.Generator().manual_seed(0)
+    cuts = torch.tensor([draw_cut(core, 50, g) for _ in range(400)], dtype=torch.float64)
+    assert abs(cuts.mean().item() - 42.0) < 1.0 and 4.0 < cuts.std().item() < 6.0
+
+
+def test_aesthetic_recipe_loss_is_coefficient_times_distance_to_target(tiny_sd_dir):
+    from nemo_aligner_draft.core.losses import reward_to_loss
+
+    core, _ = core_config("alignprop_aesthetic", tiny_sd_dir)
+    r = torch.tensor([6.0, 12.0])
+    loss = reward_to_loss(r, core.loss_mode, core.loss_target, core.loss_coeff)
+    assert torch.isclose(loss, torch.tensor(0.01 * (4.0 + 2.0) / 2))
+
+
+def test_tiny_config_uses_the_original_per_step_redraw(tiny_sd_dir):
+    from nemo_aligner_draft.core.alignprop import alignprop_plan
+
+    core, _ = core_config("alignprop_tiny", tiny_sd_dir)
+    assert core.truncation == "per_step"
+    plan = alignprop_plan(core, 10, torch.Generator().manual_seed(3))
+    assert all(plan.grad), "per-step redraw keeps every step on the autograd tape"
+    assert any(plan.detach_output) and not all(plan.detach_output)
