@@ -2,8 +2,8 @@
 ``benchmarks/results/summary.md`` (the source of docs/benchmarks.md's tables).
 
 Usage: python benchmarks/run_all.py [--skip peer,memory,efficiency,profile,gpu] [--quick]
-``--quick`` shrinks every benchmark (fewer pairs/steps) for a smoke run; its numbers are not the
-reported ones.
+``--quick`` shrinks every benchmark (fewer pairs/steps) for a smoke run and writes to
+``benchmarks/results/tmp/quick/`` instead; its numbers are not the reported ones.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, log, machine_info  # noqa: E402
+from common import log, machine_info  # noqa: E402
 
 
 def main(argv=None):
@@ -22,6 +22,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    import common
+
+    results = common.RESULTS
+    if a.quick:  # smoke numbers must not overwrite the reported ones
+        results = common.RESULTS = os.path.join(common.TMP, "quick")
     import bench_gpu_realsize
     import bench_memory
     import bench_peer
@@ -50,13 +55,13 @@ def main(argv=None):
     parts = [f"# Benchmark results\n\n{m['date_utc']}; CPU {m['cpu']} ({m['logical_cpus']} logical CPUs, "
              f"1 torch thread); load average at the end {m.get('load_average_1_5_15')}.\n"]
     for name in done:
-        p = os.path.join(RESULTS, f"{name}.md")
+        p = os.path.join(results, f"{name}.md")
         if os.path.exists(p):
             with open(p) as f:
                 parts.append(f.read())
-    with open(os.path.join(RESULTS, "summary.md"), "w") as f:
+    with open(os.path.join(results, "summary.md"), "w") as f:
         f.write("\n".join(parts))
-    log(f"wrote {os.path.join(RESULTS, 'summary.md')}")
+    log(f"wrote {os.path.join(results, 'summary.md')}")
 
 
 if __name__ == "__main__":
