@@ -13,7 +13,10 @@ import torch
 
 from distributed_helpers import REPO, STEPS, TRAIN, VENV_BIN, child_env, load_dumps, max_abs_diff, tiny_overrides
 
-TOL = 1e-5  # float32; measured max |Δ| between layouts is reported by the assertion message
+# float32. Same micro-batches (accum2): only the all-reduce vs accumulation order differs (measured
+# 0.0). Micro 4: batched convolutions/attention reduce in another order, and Adam's first steps
+# magnify tiny gradient differences (measured 7.1e-6 after 3 steps at lr 0.01).
+TOL = {"accum2": 1e-6, "micro4": 5e-5}
 
 
 def _single_process(sd_dir, tmp, name, micro):
@@ -57,7 +60,8 @@ def test_ranks_hold_identical_parameters(runs):
     r0, r1 = runs["ddp"]
     assert max_abs_diff(r0["params"], r1["params"]) == 0.0
     moved = max_abs_diff(r0["params"], r0["initial_params"])
-    assert moved > 1000 * TOL, f"training barely moved the LoRA ({moved:.2e}): the comparison would be vacuous"
+    print(f"max |θ_end - θ_start| = {moved:.3e}")
+    assert moved > 100 * max(TOL.values()), f"training barely moved the LoRA ({moved:.2e}): comparison vacuous"
 
 
 @pytest.mark.parametrize("layout", ["accum2", "micro4"])
@@ -66,7 +70,7 @@ def test_ddp_equals_single_process_same_global_batch(runs, layout):
     assert max_abs_diff(ddp["initial_params"], single["initial_params"]) == 0.0
     diff = max_abs_diff(ddp["params"], single["params"])
     print(f"2 ranks vs 1 process ({layout}): max |dtheta| = {diff:.3e}")
-    assert diff < TOL, f"2 ranks vs 1 process ({layout}): max |Δθ| = {diff:.3e}"
+    assert diff < TOL[layout], f"2 ranks vs 1 process ({layout}): max |Δθ| = {diff:.3e}"
     # the single process saw the two ranks' micro-batches, interleaved round by round
     r0, r1 = (d["prompts"] for d in runs["ddp"])
     interleaved = [p for i in range(STEPS) for p in (*r0[2 * i:2 * i + 2], *r1[2 * i:2 * i + 2])]
