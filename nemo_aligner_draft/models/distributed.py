@@ -58,8 +58,9 @@ def data_parallel_size() -> int:
 
 class RankDump(Callback):
     """Diagnostics for multi-process runs: ``<dir>/rank<global rank>.pt`` holds this rank's trainable
-    parameters at the start and the end of training, the prompts it trained on (in order), its data-parallel rank/size and
-    the initial latents of its first micro-batch, re-drawn through the model's own sampling setup."""
+    parameters at the start and the end of training, the prompts it trained on (in order), its
+    data-parallel rank/size and the initial latents ``[micro, C, h, w]`` of its first micro-batch,
+    re-drawn through the model's own sampling setup."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir

@@ -141,8 +141,8 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
 
 def test_sbatch_two_tasks_trains_in_data_parallel(cluster, tiny_sd_dir, tmp_path):
     run_dir, dump = str(tmp_path / "run"), str(tmp_path / "dump")
-    env = dict(child_env(dump), **{"SLURM_CONF": cluster["env"]["SLURM_CONF"], "PYTHON": os.path.join(VENV_BIN, "python"),
-                                   "REPO": REPO, "CONFIG_NAME": "draftp_tiny"})
+    env = dict(child_env(dump), SLURM_CONF=cluster["env"]["SLURM_CONF"], PYTHON=os.path.join(VENV_BIN, "python"),
+               REPO=REPO, CONFIG_NAME="draftp_tiny")
     env.pop("MASTER_PORT", None)
     out_file = str(tmp_path / "job.out")
     # tiny_overrides starts with --config-name; the script passes its own --config-name from CONFIG_NAME
