@@ -1,4 +1,4 @@
-"""Checkpoint conversion, one subcommand per direction (see docs/use_the_result.md):
+"""Checkpoint conversion, one subcommand per direction (see the README section "Use the result"):
 
     nad-convert to-diffusers  RUN_OR_CKPT_OR_NEMO OUT_DIR  [--base DIR] [--lora-scale s]
     nad-convert to-lora       RUN_OR_CKPT_OR_NEMO OUT_DIR  [--base DIR]

@@ -1,4 +1,4 @@
-"""Every bad input of docs/reliability.md's table, through the real entry point (``main``): exit code 2,
+"""Every bad input of the README's reliability table, through the real entry point (``main``): exit code 2,
 one message per problem naming the key (or path) and what was expected, no traceback, and — for
 everything caught before training — no run directory."""
 import os

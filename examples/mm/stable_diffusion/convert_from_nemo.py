@@ -1,5 +1,5 @@
 """`nad-convert from-nemo` as a script: `python examples/mm/stable_diffusion/convert_from_nemo.py SOURCE OUT [options]`
-(see docs/use_the_result.md and `--help`)."""
+(see the README section "Use the result" and `--help`)."""
 import sys
 
 from nemo_aligner_draft.cli.convert import main

@@ -29,8 +29,9 @@ def main(argv=None):
     p.add_argument("--n-images", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (results are repeatable per count)")
-    p.add_argument("--parts", default="sd,decoder,clip",
-                   help="comma list of: sd (VAE+UNet+text encoder), decoder (VAE decoder fine-tune of OUT/sd), clip")
+    p.add_argument("--parts", default="sd,clip",
+                   help="comma list of: sd (VAE+UNet+text encoder), decoder (optional VAE decoder fine-tune of "
+                        "OUT/sd, not used for the shipped weights), clip")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
