@@ -57,6 +57,10 @@ def preflight(cfg) -> dict:
     m = cfg.model
     with input_errors("model.pretrained", m.pretrained, "a diffusers pipeline"):
         detect_family(m.pretrained)  # raises FileNotFoundError naming model.pretrained
+    lpips_path = m.diversity.lpips_backbone_path
+    if lpips_path is not None and not os.path.isfile(lpips_path):
+        raise FileNotFoundError(f"model.diversity.lpips_backbone_path: {lpips_path!r} does not exist "
+                                f"(expected a local torchvision AlexNet/VGG16 state dict file)")
     train = load_prompts(m.data.train.dataset_path, "model.data.train.dataset_path", m.data.max_prompt_chars)
     world = _world(cfg.trainer)
     if len(train) < m.micro_batch_size * world:
@@ -264,8 +268,17 @@ def planned_log_dir(cfg) -> str:
 
 
 def attach_diversity(model) -> None:
-    """Validation diversity when the reward exposes ``image_embeddings`` (CLIP-type rewards): the mean
-    pairwise cosine distance of the validation images' embeddings, base vs fine-tuned."""
+    """Validation diversity, base vs fine-tuned: per-prompt LPIPS when ``model.diversity.lpips_backbone_path``
+    is set; and, when the reward exposes ``image_embeddings`` (CLIP-type rewards), the mean pairwise
+    cosine distance of the validation images' embeddings."""
+    dv = model.mcfg.diversity
+    path, net = dv.lpips_backbone_path, dv.lpips_net
+    if path is not None:
+        from ..metrics.diversity import LpipsDiversity
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model.diversity.lpips_backbone_path: {path!r} does not exist")
+        model.lpips_fn = LpipsDiversity(net=net, backbone_path=path)
     embed = getattr(model.reward, "image_embeddings", None)
     if not callable(embed):
         return

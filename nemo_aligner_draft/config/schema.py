@@ -175,6 +175,15 @@ class SDPOConfig(Node):
 
 
 @dataclass
+class DiversityConfig(Node):
+    """Per-prompt LPIPS diversity in validation (off unless a local backbone file is given)."""
+
+    lpips_backbone_path: Optional[str] = None  # torchvision AlexNet/VGG16 state dict (local file)
+    lpips_net: str = "alex"  # alex | vgg
+    samples_per_prompt: int = 1  # validation images per prompt (LPIPS needs >= 2)
+
+
+@dataclass
 class ModelConfig(Node):
     algorithm: str = "draftp"  # draftp (DRaFT, DRaFT+, DRaFT-K, DRaFT-LV) | alignprop | ddpo | sdpo
     pretrained: Optional[str] = None  # a local diffusers pipeline directory
@@ -193,6 +202,7 @@ class ModelConfig(Node):
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
     alignprop: Optional[AlignPropConfig] = None
     ddpo: Optional[DDPOConfig] = None
     sdpo: Optional[SDPOConfig] = None
@@ -486,6 +496,14 @@ def _check(cfg: Config, problems: List[str]) -> None:
             bad("model.sdpo.lam", (s.lam, s.log_scale), "lam > 0 and log_scale > 0")
         if not s.eval_steps or any(n < 1 for n in s.eval_steps):
             bad("model.sdpo.eval_steps", s.eval_steps, "a non-empty list of integers >= 1")
+    dv = m.diversity
+    if dv.lpips_net not in ("alex", "vgg"):
+        bad("model.diversity.lpips_net", dv.lpips_net, "alex or vgg")
+    if dv.samples_per_prompt < 1:
+        bad("model.diversity.samples_per_prompt", dv.samples_per_prompt, "an integer >= 1")
+    elif dv.lpips_backbone_path and dv.samples_per_prompt < 2:
+        bad("model.diversity.samples_per_prompt", dv.samples_per_prompt,
+            ">= 2 when model.diversity.lpips_backbone_path is set (LPIPS compares images of one prompt)")
     if cfg.rm.name == "weighted_sum" and not cfg.rm.components:
         bad("rm.components", cfg.rm.components, "at least one reward when rm.name is weighted_sum")
 

@@ -157,8 +157,10 @@ class AlignmentModel(ModelPT):
 
     def val_dataloader(self):
         prompts = self.val_prompts or self.train_prompts
-        n = min(len(prompts), self.loop.limit_val_batches * self.mcfg.micro_batch_size)
-        ds = PromptDataset(prompts[:n])
+        total = self.loop.limit_val_batches * self.mcfg.micro_batch_size
+        k = self.mcfg.diversity.samples_per_prompt  # each prompt k times, each with its own latents
+        prompts = [p for p in prompts[:-(-total // k)] for _ in range(k)][:total]
+        ds = PromptDataset(prompts)
         return torch.utils.data.DataLoader(ds, batch_size=self.mcfg.micro_batch_size, shuffle=False,
                                            collate_fn=collate_prompts, num_workers=0)
 

@@ -67,6 +67,16 @@ class TrainingReport(Callback):
         if diversity is not None:
             entry["diversity_base"] = float(diversity(base))
             entry["diversity_tuned"] = float(diversity(tuned))
+        lpips_fn = getattr(pl_module, "lpips_fn", None)
+        if lpips_fn is not None:
+            entry["lpips_diversity_base"] = float(lpips_fn(base, entry["prompts"])["mean"])
+            entry["lpips_diversity_tuned"] = float(lpips_fn(tuned, entry["prompts"])["mean"])
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                exp = getattr(logger, "experiment", None)
+                for key in ("diversity_base", "diversity_tuned", "lpips_diversity_base", "lpips_diversity_tuned"):
+                    if key in entry and hasattr(exp, "add_scalar"):
+                        exp.add_scalar(f"validation/{key}", entry[key], trainer.global_step)
         self.val_history.append(entry)
         if trainer.is_global_zero:
             grid = image_grid([base, tuned])

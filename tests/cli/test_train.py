@@ -195,3 +195,37 @@ def test_short_draftp_run_raises_heldout_reward_beyond_zero_lr_control(tiny_sd_d
     diff = trained - control
     se = diff.std() / diff.numel() ** 0.5
     assert diff.mean() > 3 * se and diff.mean() > 0, (diff.mean().item(), se.item())
+
+
+def test_validation_logs_per_prompt_lpips_from_a_local_backbone(tiny_sd_dir, tmp_path):
+    """model.diversity.lpips_backbone_path (a torchvision AlexNet state dict saved locally) makes
+    validation render 2 samples per prompt and log per-prompt LPIPS for base and fine-tuned."""
+    import torchvision
+
+    from nemo_aligner_draft.cli.train import main
+    from nemo_aligner_draft.config.tracking import track_reads
+
+    backbone = tmp_path / "alexnet.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), backbone)
+    run = tmp_path / "run"
+    with track_reads() as reads:
+        rc = main(["--config-name=draftp_tiny", *tiny_overrides(tiny_sd_dir, run, steps=2, extra=[
+            "+model.diversity.lpips_backbone_path=" + str(backbone), "+model.diversity.samples_per_prompt=2",
+            "trainer.draftp_sd.limit_val_batches=2"])])
+    assert rc == 0
+    assert {"model.diversity.lpips_backbone_path", "model.diversity.lpips_net",
+            "model.diversity.samples_per_prompt"} <= reads
+    val = json.load(open(run / "metrics.json"))["validation"][-1]
+    assert val["prompts"][0] == val["prompts"][1] and val["prompts"][2] == val["prompts"][3]
+    for key in ("lpips_diversity_base", "lpips_diversity_tuned"):
+        assert val[key] == val[key] and val[key] > 0, key  # finite, positive: distinct latents per sample
+
+
+def test_missing_lpips_backbone_is_a_clear_error(tiny_sd_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run_cli(["--config-name=draftp_tiny", f"model.pretrained={tiny_sd_dir}",
+                     f"exp_manager.explicit_log_dir={run_dir}", "+model.diversity.lpips_backbone_path=/nope/alex.pth",
+                     "+model.diversity.samples_per_prompt=2"], tmp_path)
+    assert proc.returncode == 2 and "model.diversity.lpips_backbone_path" in proc.stderr, proc.stderr[-1500:]
+    assert not run_dir.exists()
