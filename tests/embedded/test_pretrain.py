@@ -60,3 +60,25 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert a.keys() == b.keys() == c.keys() and len(a) > 100
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_weighted_reconstruction_loss_against_plain_sums():
+    from nemo_aligner_draft.embedded.pretrain import _weighted_rec_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((2, 3, 4, 4), -0.5)
+    x[0, :, 1, 1] = 0.7  # one shape pixel in image 0, two in image 1 (one differs in a single channel)
+    x[1, :, 2, 2] = 0.3
+    x[1, 0, 3, 0] = 0.9
+    recon = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1
+    d = recon - x
+    # weight 0 is the unweighted L1 + MSE
+    assert torch.allclose(_weighted_rec_loss(recon, x, 0.0), d.abs().mean() + (d ** 2).mean())
+    num, den = 0.0, 0.0
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                w = 1.0 + 5.0 * float(any(x[b, c, i, j] != x[b, c, 0, 0] for c in range(3)))
+                num += w * float((d[b, :, i, j].abs() + d[b, :, i, j] ** 2).sum())
+                den += w * 3
+    assert abs(_weighted_rec_loss(recon, x, 5.0).item() - num / den) < 1e-5
