@@ -175,13 +175,24 @@ class AlignmentModel(ModelPT):
         return total.float(), parts
 
     # ------------------------------------------------------------------ sampling helpers
-    def sampling_setup(self, prompts: List[str], round_idx: int, purpose: str):
+    def step_rule(self, num_steps: Optional[int] = None):
+        """The sampler rule for ``model.infer`` (``sampler: default`` lets the backend choose)."""
         inf = self.mcfg.infer
-        rule = self.backend.step_rule(inf.inference_steps, None if inf.sampler == "default" else inf.sampler)
-        g = self.generator(round_idx, purpose)
+        return self.backend.step_rule(num_steps or inf.inference_steps,
+                                      None if inf.sampler == "default" else inf.sampler)
+
+    def encode(self, prompts: List[str]):
+        """Prompt conditioning at ``model.infer``'s resolution (SDXL's time ids depend on it)."""
+        inf = self.mcfg.infer
         if hasattr(self.backend, "set_resolution"):
             self.backend.set_resolution(inf.height, inf.width)
-        cond = self.backend.encode_prompts(prompts)
+        return self.backend.encode_prompts(prompts)
+
+    def sampling_setup(self, prompts: List[str], round_idx: int, purpose: str):
+        inf = self.mcfg.infer
+        rule = self.step_rule()
+        g = self.generator(round_idx, purpose)
+        cond = self.encode(prompts)
         # one generator per global sample: initial latents do not depend on how the global batch is split
         first = self.first_sample_index(round_idx)
         latents = torch.cat([
@@ -276,11 +287,9 @@ class AlignmentModel(ModelPT):
     def render(self, prompts: List[str], seed_index: int, use_reference: bool) -> torch.Tensor:
         """Images from fixed latents (seeded by the validation index), policy or reference."""
         inf = self.mcfg.infer
-        rule = self.backend.step_rule(inf.inference_steps, None if inf.sampler == "default" else inf.sampler)
+        rule = self.step_rule()
         g = seeded_generator(self.mcfg.seed, "validation", seed_index)
-        if hasattr(self.backend, "set_resolution"):
-            self.backend.set_resolution(inf.height, inf.width)
-        cond = self.backend.encode_prompts(prompts)
+        cond = self.encode(prompts)
         latents = self.backend.initial_latents(len(prompts), inf.height, inf.width, rule, generator=g)
         den = (self.backend.reference_denoiser(cond, inf.unconditional_guidance_scale) if use_reference
                else self.backend.denoiser(cond, inf.unconditional_guidance_scale))

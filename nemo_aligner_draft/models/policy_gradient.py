@@ -230,11 +230,9 @@ class PolicyGradientModel(AlignmentModel):
     def render_steps(self, prompts: List[str], seed_index: int, num_steps: int) -> torch.Tensor:
         """Policy images with ``num_steps`` deterministic DDIM steps from the validation latents."""
         inf = self.mcfg.infer
-        rule = self.backend.step_rule(num_steps, None if inf.sampler == "default" else inf.sampler)
+        rule = self.step_rule(num_steps)
         g = seeded_generator(self.mcfg.seed, "validation", seed_index)
-        if hasattr(self.backend, "set_resolution"):
-            self.backend.set_resolution(inf.height, inf.width)
-        cond = self.backend.encode_prompts(prompts)
+        cond = self.encode(prompts)
         latents = self.backend.initial_latents(len(prompts), inf.height, inf.width, rule, generator=g)
         out = sample(self.backend.denoiser(cond, inf.unconditional_guidance_scale), rule, latents,
                      StepPlan.no_grad(rule.num_steps), eta=0.0)
