@@ -49,6 +49,29 @@ def _expand(tree, batch: int):
     return tree.expand(batch, *tree.shape[1:])
 
 
+# diffusers VAE classes a pipeline's ``vae/`` may hold: SD's KL autoencoder, or the norm-free
+# ``AutoencoderTiny`` (TAESD architecture; the embedded shapes model ships one). Both decode with
+# ``vae.decode(z / scaling_factor).sample`` into [−1, 1] and downsample by 8.
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def load_vae(path: str, subfolder: Optional[str] = "vae", **kwargs):
+    """The VAE of a local diffusers pipeline directory, of the class its ``config.json`` names."""
+    import json
+
+    import diffusers
+
+    config = os.path.join(path, subfolder or "", "config.json")
+    try:
+        with open(config) as f:
+            name = json.load(f).get("_class_name", "AutoencoderKL")
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"VAE config {config!r} is missing or not JSON ({e})") from None
+    if name not in VAE_CLASSES:
+        raise ValueError(f"{config}: _class_name {name!r} is not a supported VAE (expected one of {list(VAE_CLASSES)})")
+    return getattr(diffusers, name).from_pretrained(path, subfolder=subfolder, local_files_only=True, **kwargs)
+
+
 class DiffusionBackend:
     """Stable Diffusion 1.x / 2.x (ε- or v-prediction) on diffusers modules."""
 
@@ -83,13 +106,13 @@ class DiffusionBackend:
     @classmethod
     def from_pretrained(cls, path: str, frozen_dtype: torch.dtype = torch.float32) -> "DiffusionBackend":
         """Load the pieces of a diffusers pipeline directory (``model_index.json``) from local disk."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
         from diffusers.schedulers import DDIMScheduler
         from transformers import CLIPTextModel, CLIPTokenizer
 
         _check_pipeline_dir(path)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+        vae = load_vae(path)
         te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
         tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         sched = DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import DiffusionBackend, _check_pipeline_dir
+from .base import DiffusionBackend, _check_pipeline_dir, load_vae
 
 NUM_TIME_IDS = 6
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -121,7 +121,7 @@ class SDXLBackend(DiffusionBackend):
     def from_pretrained(cls, path: str, frozen_dtype: torch.dtype = torch.float32) -> "SDXLBackend":
         """Load a local diffusers SDXL pipeline directory (``StableDiffusionXLPipeline.save_pretrained``
         layout: unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler)."""
-        from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+        from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         _check_pipeline_dir(path)
@@ -136,7 +136,7 @@ class SDXLBackend(DiffusionBackend):
             return model_cls.from_pretrained(path, subfolder=sub, local_files_only=True)
 
         return cls(
-            load(UNet2DConditionModel, "unet"), load(AutoencoderKL, "vae"),
+            load(UNet2DConditionModel, "unet"), load_vae(path),
             [load(CLIPTextModel, "text_encoder"), load(CLIPTextModelWithProjection, "text_encoder_2")],
             [load(CLIPTokenizer, "tokenizer"), load(CLIPTokenizer, "tokenizer_2")],
             load(EulerDiscreteScheduler, "scheduler"), frozen_dtype, force_zeros_for_empty_prompt=force_zeros,

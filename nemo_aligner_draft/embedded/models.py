@@ -1,6 +1,6 @@
 """Architectures of the embedded models and where their shipped weights live.
 
-* SD pipeline (diffusers ``StableDiffusionPipeline`` directory): a ×8 ``AutoencoderKL`` with 4 latent
+* SD pipeline (diffusers ``StableDiffusionPipeline`` directory): a ×8 ``AutoencoderTiny`` with 4 latent
   channels (64 px → 8×8×4 latents), a ``UNet2DConditionModel`` with cross-attention at both levels,
   a 2-layer ``CLIPTextModel`` of width 64 over the real 49,408-token CLIP vocabulary, and SD's DDIM
   schedule (scaled-linear betas 0.00085–0.012, ε-prediction).
@@ -19,13 +19,13 @@ import torch
 MAX_TOKENS = 32
 BOS_ID, EOS_ID = 49406, 49407
 
+# diffusers ``AutoencoderTiny`` (the TAESD architecture: plain conv + ReLU blocks, no normalisation), ×8,
+# 4 latent channels. Measured (embedded/README.md): SD's ``AutoencoderKL`` normalises every block with
+# GroupNorm, which on these flat-colour images removes the absolute colour of the shapes; this one keeps it.
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4,
-    block_out_channels=(16, 32, 64, 64),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=1, norm_num_groups=8, sample_size=64,
-    mid_block_add_attention=False,  # measured: trains no worse without it on flat shapes, and is cheaper
+    encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
+    num_encoder_blocks=(1, 2, 2, 2), num_decoder_blocks=(2, 2, 2, 1), act_fn="relu",
 )
 UNET_CONFIG = dict(
     in_channels=4, out_channels=4, sample_size=8,
@@ -76,9 +76,9 @@ def _existing(path: str) -> str:
 
 
 def build_vae():
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderTiny
 
-    return AutoencoderKL(**VAE_CONFIG)
+    return AutoencoderTiny(**VAE_CONFIG)
 
 
 def build_unet():

@@ -1,9 +1,9 @@
 """Pretraining of the embedded models on the procedural shapes domain, on CPU.
 
-Order (``train_sd``): render the data set → train the VAE (posterior mean, tiny KL weight, shape pixels weighted
-``1 + vae_shape_weight`` in the L1 + squared reconstruction loss) on whole images (``vae_crop`` < 64
-trains on crops; GroupNorm makes crops of flat background a poor signal, measured slower) → encode every image
-once to its posterior mean and set ``scaling_factor`` = 1/std of those latents (SD's convention) →
+Order (``train_sd``): render the data set → train the VAE (a norm-free ``AutoencoderTiny``, deterministic
+latents with a small L2 penalty that keeps them inside the decoder's tanh range, shape pixels weighted
+``1 + vae_shape_weight`` in the L1 + squared reconstruction loss) on whole images (``vae_crop`` < 64 trains on
+crops) → encode every image once and set ``scaling_factor`` = 1/std of those latents (SD's convention) →
 train UNet and text encoder jointly on the latents with the ε-prediction loss and 10 % empty prompts
 (classifier-free guidance dropout), keeping an EMA of both for the saved weights.
 ``train_tinyclip`` trains the contrastive model independently on the same images.
@@ -39,9 +39,13 @@ class PretrainConfig:
     vae_batch: int = 8
     vae_crop: int = 64
     vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-6
-    # 0 reproduces the shipped weights; 5 and 20 were measured (embedded/README.md), neither reached the bar yet
-    vae_shape_weight: float = 0.0
+    # mean squared latent penalty: AutoencoderTiny's decoder squashes latents with 3·tanh(z/3), and
+    # unpenalised latents drifted to std 60 in one measured run (saturated, near-binary codes)
+    vae_latent_weight: float = 1e-3
+    # shape pixels weigh 1 + w in the reconstruction loss (embedded/README.md: w 0 drew every shape in
+    # the average shape colour)
+    vae_shape_weight: float = 5.0
+    vae_edge_weight: float = 0.0
     decoder_steps: int = 1000
     decoder_lr: float = 1e-3
     decoder_shape_weight: float = 4.0
@@ -110,15 +114,28 @@ def _count(module) -> int:
 
 
 # --------------------------------------------------------------------------------------------- VAE
-def _weighted_rec_loss(recon: torch.Tensor, x: torch.Tensor, shape_weight: float) -> torch.Tensor:
-    """L1 + squared error per pixel, pixels that differ from the corner (background) colour weighted
-    ``1 + shape_weight``, normalised by the mean weight. ``recon``, ``x``: ``[B, 3, H, W]`` in [−1, 1].
+def _edge_mask(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, H, W]``: 1 where a pixel's colour differs from one of its 4 neighbours (a shape outline)."""
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    h, w = x.shape[-2:]
+    neighbours = [p[:, :, :h, 1:w + 1], p[:, :, 2:, 1:w + 1], p[:, :, 1:h + 1, :w], p[:, :, 1:h + 1, 2:]]
+    return torch.stack([(n != x).any(dim=1) for n in neighbours]).any(dim=0)[:, None].float()
+
+
+def _weighted_rec_loss(recon: torch.Tensor, x: torch.Tensor, shape_weight: float,
+                       edge_weight: float = 0.0) -> torch.Tensor:
+    """L1 + squared error per pixel, normalised by the mean weight. Pixels that differ from the corner
+    (background) colour weigh ``1 + shape_weight``; outline pixels (a 4-neighbour of another colour)
+    another ``edge_weight`` on top. ``recon``, ``x``: ``[B, 3, H, W]`` in [−1, 1].
 
     Why: the shapes cover a few percent of the pixels, so with uniform weights the cheapest solution
     is to draw every shape in the average shape colour (measured: the unweighted VAE did exactly
-    that, shape colour right 11 % of the time in reconstructions).
+    that, shape colour right 11 % of the time in reconstructions); and blurred outlines turn squares
+    into circles for the checker.
     """
     weight = 1.0 + shape_weight * (x != x[:, :, :1, :1]).any(dim=1, keepdim=True).float()
+    if edge_weight:
+        weight = weight + edge_weight * _edge_mask(x)
     return (weight * ((recon - x).abs() + (recon - x) ** 2)).mean() / weight.mean()
 
 
@@ -136,13 +153,10 @@ def train_vae(images_u8: np.ndarray, cfg: PretrainConfig, log: Dict) -> torch.nn
         idx = torch.randint(n, (cfg.vae_batch,), generator=gen)
         ox, oy = offsets[torch.randint(len(offsets), (2,), generator=gen)].tolist()
         x = _images_to_model_range(images_u8[idx.numpy(), oy:oy + crop, ox:ox + crop])
-        posterior = vae.encode(x).latent_dist
-        # The posterior mean, not a sample: with KL weight ~0 the sampled noise (std 1 at init) only
-        # slows the start, and a short CPU budget cannot afford that.
-        recon = vae.decode(posterior.mean).sample
-        rec = _weighted_rec_loss(recon, x, cfg.vae_shape_weight)
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = rec + cfg.vae_kl_weight * kl
+        z = vae_latents(vae, x)
+        recon = vae.decode(z).sample
+        rec = _weighted_rec_loss(recon, x, cfg.vae_shape_weight, cfg.vae_edge_weight)
+        loss = rec + cfg.vae_latent_weight * z.pow(2).mean()
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * _lr_factor(step, cfg.vae_steps, min(100, cfg.vae_steps // 10 + 1))
         opt.zero_grad(set_to_none=True)
@@ -152,26 +166,32 @@ def train_vae(images_u8: np.ndarray, cfg: PretrainConfig, log: Dict) -> torch.nn
         bar.set_postfix(rec=f"{rec.item():.4f}")
     bar.close()
     log["vae"] = {"steps": cfg.vae_steps, "seconds": round(time.time() - t0, 1), "final_rec_loss": rec.item(),
-                  "params": _count(vae)}
+                  "params": _count(vae), "class": type(vae).__name__}
     return vae.eval()
+
+
+def vae_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents of images ``x`` in [−1, 1]: ``AutoencoderTiny``'s deterministic code, or the
+    posterior mean of an ``AutoencoderKL``."""
+    out = vae.encode(x)
+    return out.latents if hasattr(out, "latents") else out.latent_dist.mean
 
 
 @torch.no_grad()
 def encode_latents(vae, images_u8: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """Posterior means ``[N, 4, 8, 8]`` (unscaled)."""
-    out = [vae.encode(_images_to_model_range(images_u8[i:i + batch])).latent_dist.mean
-           for i in range(0, len(images_u8), batch)]
+    """Latents ``[N, 4, 8, 8]`` (unscaled)."""
+    out = [vae_latents(vae, _images_to_model_range(images_u8[i:i + batch])) for i in range(0, len(images_u8), batch)]
     return torch.cat(out)
 
 
 @torch.no_grad()
 def reconstruction_accuracy(vae, seed: int, n: int = 96) -> Dict[str, float]:
-    """Checker accuracy of the VAE's reconstructions (posterior mean) of ``n`` held-out renders: an upper
-    bound on what the diffusion model can show through this VAE."""
+    """Checker accuracy of the VAE's reconstructions of ``n`` held-out renders: an upper bound on what the
+    diffusion model can show through this VAE."""
     from . import checker
 
     images, captions = shapes.make_dataset(n, seed, "heldout")
-    recon = vae.decode(vae.encode(_images_to_model_range(images)).latent_dist.mean).sample
+    recon = vae.decode(vae_latents(vae, _images_to_model_range(images))).sample
     acc = checker.accuracy(list(((recon.clamp(-1, 1) + 1) / 2)), captions)
     return {k: round(v, 3) for k, v in acc.items()}
 
@@ -275,16 +295,18 @@ def finetune_decoder(out_dir: str, cfg: PretrainConfig) -> Dict:
     differ from the corner (background) colour get weight ``1 + decoder_shape_weight``: shapes are a
     small fraction of the image and their colour is what the first VAE phase reproduced worst.
     """
-    from diffusers import AutoencoderKL
+    from ..backends.base import load_vae
 
     log: Dict = {"config": asdict(cfg), "torch_threads": torch.get_num_threads()}
     t0 = time.time()
     path = os.path.join(out_dir, "sd", "vae")
-    vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    vae = load_vae(path, subfolder=None, torch_dtype=torch.float32)
     images, _ = shapes.make_dataset(cfg.n_images, cfg.seed, "train")
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    vae.requires_grad_(False)
+    decoder = [vae.decoder] + ([vae.post_quant_conv] if getattr(vae, "post_quant_conv", None) is not None else [])
+    params = [p for m in decoder for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 14)
     bar = _progress(cfg.decoder_steps, "VAE decoder")
@@ -292,7 +314,7 @@ def finetune_decoder(out_dir: str, cfg: PretrainConfig) -> Dict:
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
         x = _images_to_model_range(images[idx.numpy()])
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
+            z = vae_latents(vae, x)
         recon = vae.decode(z).sample
         loss = _weighted_rec_loss(recon, x, cfg.decoder_shape_weight)
         for g in opt.param_groups:

@@ -244,6 +244,8 @@ def _unet_and_vae(source: str, base: Optional[str]):
     """(merged UNet, VAE, base dir) of a training output or a diffusers pipeline directory."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from ..backends.base import load_vae
+
     if os.path.isfile(os.path.join(source, "model_index.json")):
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=True)
         base = source
@@ -251,7 +253,11 @@ def _unet_and_vae(source: str, base: Optional[str]):
         unet, _, base = load_trained_unet(source, base)
         if getattr(unet, "peft_config", None):
             unet = merged_unet(unet)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True)
+    vae = load_vae(base)
+    if not isinstance(vae, AutoencoderKL):
+        raise ValueError(f"{os.path.join(base, 'vae')}: the NeMo/LDM checkpoint layout holds an AutoencoderKL VAE, "
+                         f"this pipeline's VAE is {type(vae).__name__}; export its UNet as a diffusers pipeline "
+                         f"or LoRA instead")
     return unet, vae, base
 
 
@@ -287,6 +293,8 @@ def import_nemo(path: str, base: str, out_dir: str, layout: Optional[str] = None
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from ..backends.base import load_vae
+
     base = _check_pipeline(base, "--base")
     _, weights = read_nemo_archive(path)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", local_files_only=True)
@@ -294,7 +302,9 @@ def import_nemo(path: str, base: str, out_dir: str, layout: Optional[str] = None
     unet.load_state_dict(unet_from_nemo(nemo_unet, unet.state_dict(), unet.config, layout), strict=True)
     vae = None
     if any(p + "decoder.conv_in.weight" in weights for p in VAE_PREFIXES if p):
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True)
+        vae = load_vae(base)
+        if not isinstance(vae, AutoencoderKL):
+            raise ValueError(f"{path} holds an LDM (AutoencoderKL) VAE but --base {base} has a {type(vae).__name__} VAE")
         nemo_vae = strip_prefix(weights, [p for p in VAE_PREFIXES if p], "decoder.conv_in.weight")
         vae.load_state_dict(vae_from_nemo(nemo_vae, vae.state_dict(), vae.config), strict=True)
     with atomic_output(out_dir, is_dir=True) as tmp:

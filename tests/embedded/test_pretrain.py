@@ -82,3 +82,25 @@ def test_weighted_reconstruction_loss_against_plain_sums():
                 num += w * float((d[b, :, i, j].abs() + d[b, :, i, j] ** 2).sum())
                 den += w * 3
     assert abs(_weighted_rec_loss(recon, x, 5.0).item() - num / den) < 1e-5
+
+
+def test_edge_weight_against_plain_neighbour_loop():
+    from nemo_aligner_draft.embedded.pretrain import _weighted_rec_loss
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.full((1, 3, 5, 5), -0.5)
+    x[0, :, 1:3, 1:3] = 0.7  # a 2×2 square: its 4 pixels and their 8 outside 4-neighbours are outline
+    x[0, 2, 4, 4] = 0.1  # one corner pixel differing in one channel
+    recon = torch.rand(1, 3, 5, 5, generator=g) * 2 - 1
+    d = recon - x
+    num, den = 0.0, 0.0
+    for i in range(5):
+        for j in range(5):
+            shape = any(x[0, c, i, j] != x[0, c, 0, 0] for c in range(3))
+            edge = any(0 <= a < 5 and 0 <= b < 5 and any(x[0, c, a, b] != x[0, c, i, j] for c in range(3))
+                       for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)))
+            w = 1.0 + 2.0 * float(shape) + 3.0 * float(edge)
+            num += w * float((d[0, :, i, j].abs() + d[0, :, i, j] ** 2).sum())
+            den += w * 3
+    assert abs(_weighted_rec_loss(recon, x, 2.0, 3.0).item() - num / den) < 1e-5
+    assert not torch.isclose(_weighted_rec_loss(recon, x, 2.0, 3.0), _weighted_rec_loss(recon, x, 2.0, 0.0))
