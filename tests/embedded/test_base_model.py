@@ -14,11 +14,11 @@ from nemo_aligner_draft.rewards import build_reward
 STEPS, GUIDANCE = 20, 5.0
 
 
-# Known defect (issue 3, open): the shipped VAE loses the shapes' colour (GroupNorm on flat-colour
-# images), so the base model scores colour 0.10 / shape 0.22 on held-out prompts. strict=True: when a
-# retrained model meets the bar, these xfails turn into failures and must be removed.
-BASE_MODEL_DEFECT = pytest.mark.xfail(strict=True, reason="shipped embedded VAE loses shape colour; "
-                                      "base model below the accuracy bar (issue 3)")
+# Known defect (issue 3): the shipped model draws the prompt's colour, background and count, but its
+# shapes are blurred (held-out shape accuracy 0.40, chance 0.33; the VAE's own reconstructions reach
+# 0.80). strict=True: when a retrained model meets the shape bar this xfail turns into a failure.
+SHAPE_DEFECT = pytest.mark.xfail(strict=True, reason="shipped embedded model draws blurred shapes: held-out "
+                                 "shape accuracy 0.40, below the 0.55 bar (issue 3)")
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +28,25 @@ def heldout_samples():
     return prompts, sample_images(backend, prompts, steps=STEPS, guidance_scale=GUIDANCE, seed=0)
 
 
-@BASE_MODEL_DEFECT
 def test_attribute_accuracy_far_above_chance(heldout_samples):
     prompts, images = heldout_samples
     acc = checker.accuracy(list(images), prompts)
-    # Chance: colour 1/6, background ≤ 1/5, shape 1/3. With n = 96 a binomial at chance reaches
-    # colour/background 0.5 or shape 0.55 with probability < 1e-6, so passing these thresholds
-    # cannot happen by luck; they sit below the measured accuracies (see embedded/README.md) with a
-    # margin for the run-to-run drift of CPU kernels.
+    # Chance: colour 1/6, background ≤ 1/5, count 1/3. With n = 96 a binomial at chance reaches
+    # colour/background 0.5 or count 0.6 with probability < 1e-6, so passing these thresholds cannot
+    # happen by luck; measured on the shipped weights (embedded/README.md): colour 0.875, background
+    # 1.00, count 0.81, so the bars leave a wide margin for run-to-run drift of CPU kernels.
     assert acc["color"] >= 0.5, acc
     assert acc["background"] >= 0.5, acc
-    assert acc["shape"] >= 0.55, acc
+    assert acc["count"] >= 0.6, acc
 
 
-@BASE_MODEL_DEFECT
+@SHAPE_DEFECT
+def test_shape_accuracy_far_above_chance(heldout_samples):
+    prompts, images = heldout_samples
+    # chance 1/3; 0.55 is > 4.5 binomial standard deviations above it at n = 96
+    assert checker.accuracy(list(images), prompts)["shape"] >= 0.55
+
+
 def test_tinyclip_prefers_own_prompt_on_samples(heldout_samples):
     prompts, images = heldout_samples
     reward = build_reward("embedded_clip_score")

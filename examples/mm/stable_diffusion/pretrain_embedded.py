@@ -26,12 +26,14 @@ def main(argv=None):
     p.add_argument("--out", default=models.ASSETS, help="output directory (default: the package assets)")
     p.add_argument("--quick", action="store_true", help="tiny data set and 2 steps per part (seconds)")
     p.add_argument("--steps", type=int, default=None, help="set the VAE, UNet and TinyCLIP step counts to N")
+    p.add_argument("--unet-steps", type=int, default=None, help="set the UNet step count (after --steps)")
     p.add_argument("--n-images", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (results are repeatable per count)")
     p.add_argument("--parts", default="sd,clip",
-                   help="comma list of: sd (VAE+UNet+text encoder), decoder (optional VAE decoder fine-tune of "
-                        "OUT/sd, not used for the shipped weights), clip")
+                   help="comma list of: sd (VAE+UNet+text encoder), unet (UNet+text encoder on the VAE already in "
+                        "OUT/sd), decoder (optional VAE decoder fine-tune of OUT/sd, not used for the shipped "
+                        "weights), clip")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -39,12 +41,14 @@ def main(argv=None):
     cfg.seed = args.seed
     if args.steps is not None:
         cfg.vae_steps = cfg.unet_steps = cfg.clip_steps = args.steps
+    if args.unet_steps is not None:
+        cfg.unet_steps = args.unet_steps
     if args.n_images is not None:
         cfg.n_images = args.n_images
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    unknown = set(parts) - {"sd", "decoder", "clip"}
+    unknown = set(parts) - {"sd", "unet", "decoder", "clip"}
     if unknown:
-        p.error(f"--parts: unknown {sorted(unknown)}; expected sd, decoder, clip")
+        p.error(f"--parts: unknown {sorted(unknown)}; expected sd, unet, decoder, clip")
     logs = pretrain(args.out, cfg, parts)
     for name, log in logs.items():
         print(f"{name}: {log['total_seconds']} s")
