@@ -241,9 +241,13 @@ class AlignmentModel(ModelPT):
             self.manual_backward(loss / self.accumulation)
         else:
             self._window_bad = True
+        window = getattr(self, "_window_metrics", [])
+        window.append({k: v.detach().float() for k, v in metrics.items()})
+        self._window_metrics = window
         if (round_idx + 1) % self.accumulation:
             return loss.detach()
-        self._finish_accumulation_window(metrics)
+        self._window_metrics = []
+        self._finish_accumulation_window(window_mean(window))
         return loss.detach()
 
     def _finish_accumulation_window(self, metrics: Dict):
@@ -353,6 +357,17 @@ class AlignmentModel(ModelPT):
                              f"(e.g. {missing[:3]}), {len(shapes)} with mismatched shapes (e.g. {shapes[:3]})")
         self.consumed_samples = int(state["consumed_samples"])
         self.nan_skipped_steps = int(state["nan_skipped_steps"])
+
+
+def window_mean(window: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Metrics of one optimizer step from those of its equal-sized micro-batches: the mean of each,
+    except ``reward_std``, which is pooled (the population std of all the window's rewards)."""
+    out = {k: torch.stack([m[k] for m in window]).mean() for k in window[0]}
+    if "reward_std" in out and "reward_mean" in out:
+        # within-micro-batch variance plus the spread of the micro-batch means (no E[x²] − E[x]² cancellation)
+        var = torch.stack([m["reward_std"] ** 2 + (m["reward_mean"] - out["reward_mean"]) ** 2 for m in window]).mean()
+        out["reward_std"] = var.sqrt()
+    return out
 
 
 def steps_per_epoch(num_prompts: int, global_batch_size: int) -> int:

@@ -9,9 +9,21 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 
-def image_grid(rows: List[torch.Tensor]) -> torch.Tensor:
-    """rows: list of ``[N, 3, H, W]`` in [0,1] → one ``[3, rows·H, N·W]`` grid."""
-    return torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+def image_grid(rows: List[torch.Tensor], cols: int = 16) -> torch.Tensor:
+    """rows: list of ``[N, 3, H, W]`` in [0,1] (same N) → one grid image ``[3, H', W']``.
+
+    Images ``i`` of every row sit in the same column; beyond ``cols`` images the rows wrap, so the grid
+    is a stack of bands of ``len(rows)`` rows × at most ``cols`` images (the last band padded with white).
+    """
+    n = rows[0].shape[0]
+    cols = max(1, min(cols, n))
+    bands = []
+    for start in range(0, n, cols):
+        for r in rows:
+            chunk = list(r[start:start + cols])
+            chunk += [torch.ones_like(r[0])] * (cols - len(chunk))
+            bands.append(torch.cat(chunk, dim=2))
+    return torch.cat(bands, dim=1)
 
 
 def save_png(img: torch.Tensor, path: str) -> None:
@@ -24,8 +36,9 @@ def save_png(img: torch.Tensor, path: str) -> None:
 
 
 class TrainingReport(Callback):
-    """Writes ``images/val_step*.png`` (row 1: base, row 2: fine-tuned, same latents), logs the grids to
-    TensorBoard, and at the end ``reward_curve.png`` and ``metrics.json`` in the run directory."""
+    """Writes ``images/val_step*.png`` (per band of 16 prompts: base row above fine-tuned row, same
+    latents), logs the grids to TensorBoard, and at the end ``reward_curve.png`` and ``metrics.json``
+    in the run directory."""
 
     def __init__(self, log_dir: str):
         self.log_dir = log_dir

@@ -1,7 +1,7 @@
 """`make demo`: DRaFT+ on the embedded tiny model, end to end on a CPU in minutes.
 
-Writes into --out: reward_curve.png, before_after.png (row 1: base, row 2: fine-tuned, same
-latents, held-out prompts), lora/pytorch_lora_weights.safetensors, summary.json, and the full run
+Writes into --out: reward_curve.png, before_after.png (bands of 16 held-out prompts: base
+row above fine-tuned row, same latents), lora/pytorch_lora_weights.safetensors, summary.json, and the full run
 directory (TensorBoard events, checkpoints, .nemo) under run/.
 
 Uses the pretrained embedded model when the package ships it (nemo_aligner_draft/embedded/assets/sd);
@@ -72,11 +72,17 @@ def main(argv=None):
     shutil.rmtree(os.path.join(out, "lora"), ignore_errors=True)
     if os.path.isdir(os.path.join(run_dir, "export")):
         shutil.copytree(os.path.join(run_dir, "export"), os.path.join(out, "lora"))
+    diffs = [t - b for t, b in zip(val[-1]["rewards_tuned"], val[-1]["rewards_base"])]
     summary = {
         "model": what,
         "steps": metrics["train"][-1]["step"],
         "heldout_reward_before": val[-1]["reward_base"],
         "heldout_reward_after": val[-1]["reward_tuned"],
+        "heldout_prompts": len(val[-1]["prompts"]),
+        # paired per-image differences, same latents: tuned − base
+        "heldout_gain_mean": statistics.mean(diffs),
+        "heldout_gain_standard_error": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None,
+        "heldout_images_improved": sum(d > 0 for d in diffs),
         "diversity_before": val[-1].get("diversity_base"),
         "diversity_after": val[-1].get("diversity_tuned"),
         "seconds_per_step_median": statistics.median(step_times) if step_times else None,
