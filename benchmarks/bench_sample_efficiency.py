@@ -6,8 +6,8 @@ tiny random SD with the ``brightness`` reward (the result says which). 64 px, 10
 r4, one thread. Both methods are driven by the core functions in a plain loop (the same ones the
 Lightning shells call):
 
-* DRaFT+: ``core.draft.draft_objective`` (K=1, kl_coeff 0.2 as conf/draftp_embedded.yaml, AdamW lr
-  3e-3), ``--batch`` samples per step;
+* DRaFT+: ``core.draft.draft_objective`` (K=1, kl_coeff 0.2, AdamW lr
+  3e-3: the first demo setting), ``--batch`` samples per step;
 * DDPO: ``core.ddpo`` rollouts of ``--ddpo-samples`` per epoch (eta 1), batch-normalised advantages,
   one inner epoch of PPO-clip over all steps (timestep_fraction 1, gradients of all steps of a
   train batch accumulated before each AdamW step, lr 3e-4 — the DDPO paper's LoRA setting).
