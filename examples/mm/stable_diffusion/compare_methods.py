@@ -9,14 +9,12 @@ samples generated so far and against the training wall time. Writes to ``--out``
 * ``compare_methods.md``: a table (final reward, samples to reach DDPO's final reward, wall time);
 * ``compare_methods.json``: every curve point.
 
-Model and reward: the embedded pretrained model and its reward when its SD weights are shipped
-(``nemo_aligner_draft/embedded/assets/sd/model_index.json``); otherwise a tiny random SD built
-offline with the ``brightness`` reward (the run says which). Full fine-tuning, 3 DDIM steps,
-micro-batch 4. Learning rates are per method, the ones the tests use: reward-gradient methods 3e-3;
-DDPO 3e-4 with clip_range 0.1 (1e-3 made its approx_kl blow up); SDPO 1e-3 with clip_range 0.5
-(3e-4 did not move the reward in 30 optimizer steps).
+Model and reward: the embedded pretrained model (``nemo_aligner_draft/embedded/assets/sd``) and
+``--reward`` (default ``embedded_clip_score``), trained on the embedded training prompts and validated
+on all 96 held-out prompts. Per-method settings: :data:`METHODS` (10 DDIM steps, CFG 3, micro-batches of
+8 for every method). ``--seeds`` averages the curves over seeds and lists each seed's gain.
 
-    OMP_NUM_THREADS=1 python examples/mm/stable_diffusion/compare_methods.py --out runs/compare --samples 240
+    OMP_NUM_THREADS=1 python examples/mm/stable_diffusion/compare_methods.py --out runs/compare --samples 960
 """
 from __future__ import annotations
 
@@ -32,38 +30,40 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 EMBEDDED_SD = os.path.join(REPO, "nemo_aligner_draft", "embedded", "assets", "sd")
 
 # name -> (config, loop section, overrides, samples generated per optimizer step, optimizer steps per
-# training step); micro-batch 4 everywhere, PPO epochs of 3 sample batches (12 prompts).
-PG = ["model.optim.lr=0.0003", "model.{a}.num_sample_batches=3",
-      "model.{a}.clip_range=0.1", "model.{a}.timestep_fraction=1.0"]
+# training step). Every method: micro-batches of 8 (so validation batches, and with them the validation
+# latents, are the same for all), the pipeline's DDIM with 10 steps, CFG 3, decoding x̂0 of the last step.
+# The DRaFT family and AlignProp as `make demo` (LoRA rank 16, lr 2e-3, batches of 32); DDPO LoRA rank 16
+# at lr 3e-4 (the DDPO paper's LoRA rate; 1e-3 collapsed the reward) with clip range 0.1, PPO epochs of 4
+# sample batches; SDPO full fine-tuning (LoRA did not move its reward in the tests' budget) at lr 3e-5
+# (3e-4 collapsed the reward), epochs of 2 batches of pairs.
+RANK16 = ["model.peft.lora_tuning.adapter_dim=16", "model.peft.lora_tuning.network_alpha=16"]
+PG = ["model.micro_batch_size=8", "model.global_batch_size=8", "model.infer.inference_steps=10",
+      "model.decode_target=pred_x0"]
 METHODS = {
-    "DRaFT+": ("draftp_tiny", "draftp_sd", ["model.kl_coeff=0.01", "model.truncation_steps=1"], 4, 1),
-    "DRaFT": ("draftp_tiny", "draftp_sd", ["model.kl_coeff=0.0", "model.truncation_steps=1"], 4, 1),
-    "DRaFT-LV": ("draftp_tiny", "draftp_sd", ["model.kl_coeff=0.0", "model.truncation_steps=1",
-                                             "model.lv_copies=2"], 4, 1),
-    "AlignProp": ("alignprop_tiny", "alignprop", [], 4, 1),
-    "DDPO": ("ddpo_tiny", "ddpo", [o.format(a="ddpo") for o in PG], 4, 3),
-    "SDPO": ("sdpo_tiny", "sdpo", ["model.optim.lr=0.001", "model.sdpo.num_sample_batches=3",
-                                   "model.sdpo.clip_range=0.5", "model.sdpo.timestep_fraction=1.0",
-                                   "model.sdpo.eval_steps=[1]"], 8, 3),
+    "DRaFT+": ("draftp_embedded", "draftp_sd", [], 32, 1),
+    "DRaFT": ("draftp_embedded", "draftp_sd", ["model.kl_coeff=0.0"], 32, 1),
+    "DRaFT-LV": ("draftp_embedded", "draftp_sd", ["model.kl_coeff=0.0", "model.truncation_steps=1",
+                                                 "model.lv_copies=2"], 32, 1),
+    "AlignProp": ("alignprop_tiny", "alignprop", ["model.micro_batch_size=8", "model.global_batch_size=32",
+                                                  "model.decode_target=pred_x0",
+                                                  "model.optim.lr=0.002", *RANK16], 32, 1),
+    "DDPO": ("ddpo_tiny", "ddpo", [*PG, *RANK16, "model.optim.lr=0.0003", "model.ddpo.num_sample_batches=4",
+                                   "model.ddpo.clip_range=0.1", "model.ddpo.timestep_fraction=1.0"], 8, 4),
+    "SDPO": ("sdpo_tiny", "sdpo", [*PG, "model.peft.peft_scheme=none", "model.optim.lr=0.00003",
+                                   "model.sdpo.num_sample_batches=2", "model.sdpo.clip_range=0.5",
+                                   "model.sdpo.timestep_fraction=1.0", "model.sdpo.eval_steps=[1]"], 16, 2),
 }
 
 
-def model_and_reward(work: str):
-    if os.path.isfile(os.path.join(EMBEDDED_SD, "model_index.json")):
-        return EMBEDDED_SD, ["rm.name=embedded_clip_score",
-                             "model.data.train.dataset_path=builtin:embedded_train",
-                             "model.data.validation.dataset_path=builtin:embedded_heldout"], "embedded model + embedded_clip_score"
-    from nemo_aligner_draft.testing.tiny import save_tiny_sd
-
-    sd = os.path.join(work, "tiny_sd")
-    if not os.path.isfile(os.path.join(sd, "model_index.json")):
-        save_tiny_sd(sd)
-    return sd, ["rm.name=brightness", "model.data.train.dataset_path=builtin:animals",
-                "model.data.validation.dataset_path=builtin:animals"], \
-        "tiny random SD (embedded SD weights not shipped) + brightness"
+def model_and_reward(reward: str = "embedded_clip_score"):
+    if not os.path.isfile(os.path.join(EMBEDDED_SD, "model_index.json")):
+        raise SystemExit(f"{EMBEDDED_SD}: the embedded pipeline is missing (model_index.json); it ships with the "
+                         f"package, or rebuild it with examples/mm/stable_diffusion/pretrain_embedded.py")
+    return EMBEDDED_SD, [f"rm.name={reward}", "model.data.train.dataset_path=builtin:embedded_train",
+                         "model.data.validation.dataset_path=builtin:embedded_heldout"], f"embedded model + {reward}"
 
 
-def run_method(name, sd, common, out, samples, val_points, limit_val):
+def run_method(name, sd, common, out, samples, val_points, limit_val, seed=1234):
     from nemo_aligner_draft.cli.train import main
 
     cfg, loop, extra, per_opt_step, opt_per_train = METHODS[name]
@@ -71,16 +71,13 @@ def run_method(name, sd, common, out, samples, val_points, limit_val):
     opt_steps -= opt_steps % opt_per_train
     train_steps = opt_steps // opt_per_train
     val_every = max(train_steps // val_points, 1)
-    run_dir = os.path.join(out, "runs", name)
+    run_dir = os.path.join(out, "runs", f"{name}_seed{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)
     args = [f"--config-name={cfg}", f"model.pretrained={sd}", f"exp_manager.explicit_log_dir={run_dir}",
             f"trainer.max_steps={opt_steps}", f"trainer.{loop}.max_steps={opt_steps}",
             f"trainer.{loop}.val_check_interval={val_every}", f"trainer.{loop}.save_interval={opt_steps}",
-            f"trainer.{loop}.limit_val_batches={limit_val}", "model.peft.peft_scheme=none",
-            "exp_manager.create_tensorboard_logger=false", "model.infer.inference_steps=3",
-            "model.decode_target=x0", *common, *extra]
-    if cfg in ("draftp_tiny", "alignprop_tiny"):
-        args.append("model.optim.lr=0.003")
+            f"trainer.{loop}.limit_val_batches={limit_val}", "exp_manager.create_tensorboard_logger=false",
+            f"model.seed={seed}", *common, *extra]
     t0 = time.perf_counter()
     rc = main(args)
     total = time.perf_counter() - t0
@@ -104,6 +101,17 @@ def run_method(name, sd, common, out, samples, val_points, limit_val):
     return {"points": points, "total_s": total, "opt_steps": opt_steps}
 
 
+def average_over_seeds(runs):
+    """Mean curve over seeds (every seed validates at the same steps); keeps each seed's final reward."""
+    n = len(runs)
+    points = [{"step": p0["step"], "samples": p0["samples"],
+               "wall_s": sum(r["points"][i]["wall_s"] for r in runs) / n,
+               "reward": sum(r["points"][i]["reward"] for r in runs) / n}
+              for i, p0 in enumerate(runs[0]["points"])]
+    return {"points": points, "total_s": sum(r["total_s"] for r in runs) / n, "opt_steps": runs[0]["opt_steps"],
+            "final_per_seed": [r["points"][-1]["reward"] - r["points"][0]["reward"] for r in runs]}
+
+
 def samples_to_reach(points, target):
     for p in points:
         if p["reward"] >= target:
@@ -114,40 +122,72 @@ def samples_to_reach(points, target):
 def main_cli(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/compare_methods")
-    p.add_argument("--samples", type=int, default=240, help="training samples each method generates")
-    p.add_argument("--val-points", type=int, default=4, help="validations per run")
-    p.add_argument("--limit-val-batches", type=int, default=3, help="validation micro-batches of 4 prompts")
+    p.add_argument("--samples", type=int, default=960, help="training samples each method generates")
+    p.add_argument("--val-points", type=int, default=3, help="validations per run")
+    p.add_argument("--limit-val-batches", type=int, default=12,
+                   help="validation micro-batches of 8 prompts (12 = all 96 held-out prompts)")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="1234", help="comma list; curves and the table average over seeds")
+    p.add_argument("--reward", default="embedded_clip_score", help="reward on the embedded model")
+    p.add_argument("--include", action="append", default=[],
+                   help="compare_methods.json of another run of this script (same settings, other --methods) "
+                        "to merge into the table and plot; repeatable")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
-    sd, common, setting = model_and_reward(args.out)
-    print(f"setting: {setting}")
-    results = {}
-    for name in args.methods.split(","):
-        results[name] = run_method(name, sd, common, args.out, args.samples, args.val_points, args.limit_val_batches)
+    sd, common, setting = model_and_reward(args.reward)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    print(f"setting: {setting}; seeds {seeds}")
+    results, per_seed = {}, {}
+    for path in args.include:
+        with open(path) as f:
+            other = json.load(f)
+        if other["setting"] != setting or other["args"]["samples"] != args.samples:
+            raise SystemExit(f"--include {path}: it ran {other['setting']!r} with {other['args']['samples']} samples, "
+                             f"this run {setting!r} with {args.samples}")
+        results.update(other["results"])
+        per_seed.update(other["per_seed"])
+    for name in [m for m in args.methods.split(",") if m]:
+        if name not in METHODS:
+            raise SystemExit(f"--methods: unknown {name!r}; expected some of {', '.join(METHODS)}")
+        per_seed[name] = [run_method(name, sd, common, args.out, args.samples, args.val_points, args.limit_val_batches,
+                                     seed) for seed in seeds]
+        results[name] = average_over_seeds(per_seed[name])
         print(name, results[name]["points"][-1])
     target = results["DDPO"]["points"][-1]["reward"] if "DDPO" in results else None
+    # "samples to reach DDPO's final" means something only when DDPO ended above the base
+    ddpo_gained = target is not None and target > results["DDPO"]["points"][0]["reward"]
     rows = []
     for name, r in results.items():
         pts = r["points"]
-        need = samples_to_reach(pts, target) if target is not None else None
+        need = samples_to_reach(pts, target) if ddpo_gained else None
         rows.append({"method": name, "base": pts[0]["reward"], "final": pts[-1]["reward"],
                      "gain": pts[-1]["reward"] - pts[0]["reward"], "samples": pts[-1]["samples"],
-                     "samples_to_ddpo_final": need, "train_wall_s": pts[-1]["wall_s"], "run_s": r["total_s"]})
+                     "samples_to_ddpo_final": need, "train_wall_s": pts[-1]["wall_s"], "run_s": r["total_s"],
+                     "gain_per_seed": r["final_per_seed"]})
     with open(os.path.join(args.out, "compare_methods.json"), "w") as f:
-        json.dump({"setting": setting, "args": vars(args), "results": results, "table": rows}, f, indent=1)
+        json.dump({"setting": setting, "args": vars(args), "results": results, "per_seed": per_seed, "table": rows},
+                  f, indent=1)
     lines = [(f"Setting: {setting}; {args.samples} training samples per method, held-out reward on "
-              f"{4 * args.limit_val_batches} prompts (fixed latents)."), "",
-             ("| method | base reward | final reward | gain | samples generated | samples to reach DDPO's final | "
-              "train wall time (s) |"), "|---|---|---|---|---|---|---|"]
+              f"{8 * args.limit_val_batches} prompts (fixed latents), mean over seeds {seeds}."), "",
+             ("| method | base reward | final reward | gain | gain per seed | samples generated | "
+              "samples to reach DDPO's final | train wall time (s) |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        need = "not reached" if r["samples_to_ddpo_final"] is None else str(r["samples_to_ddpo_final"])
-        lines.append(f"| {r['method']} | {r['base']:.4f} | {r['final']:.4f} | {r['gain']:+.4f} | {r['samples']} | "
-                     f"{need} | {r['train_wall_s']:.1f} |")
+        if not ddpo_gained:
+            need = "– (DDPO did not gain)" if target is not None else "–"
+        else:
+            need = "not reached" if r["samples_to_ddpo_final"] is None else str(r["samples_to_ddpo_final"])
+        each = ", ".join(f"{g:+.3g}" for g in r["gain_per_seed"])
+        lines.append(f"| {r['method']} | {r['base']:.4g} | {r['final']:.4g} | {r['gain']:+.3g} | {each} | "
+                     f"{r['samples']} | {need} | {r['train_wall_s']:.1f} |")
+    lines += ["", "Held-out reward at each validation point (samples generated → reward):", "",
+              "| method | " + " | ".join(f"{p['samples']}" for p in next(iter(results.values()))["points"]) + " |",
+              "|---|" + "---|" * len(next(iter(results.values()))["points"])]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{p['reward']:.2f}" for p in r["points"]) + " |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "compare_methods.md"), "w") as f:
         f.write(table)
