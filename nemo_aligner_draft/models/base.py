@@ -242,7 +242,7 @@ class AlignmentModel(ModelPT):
         else:
             self._window_bad = True
         window = getattr(self, "_window_metrics", [])
-        window.append({k: v.detach().float() for k, v in metrics.items()})
+        window.append({k: torch.as_tensor(v).detach().float() for k, v in metrics.items()})
         self._window_metrics = window
         if (round_idx + 1) % self.accumulation:
             return loss.detach()
