@@ -41,7 +41,7 @@ from ..core.sdpo import dense_rewards, discounted_returns, sdpo_advantages, sdpo
 from ..core.stat_tracking import PerPromptStatTracker, batch_advantages
 from ..data.prompts import PromptDataset, collate_prompts
 from ..data.sampler import PromptSampler
-from .base import AlignmentModel, seeded_generator
+from .base import AlignmentModel, seeded_generator, window_mean
 
 
 def cat_rollouts(parts: List[Rollout]) -> Rollout:
@@ -198,7 +198,7 @@ class PolicyGradientModel(AlignmentModel):
         for inner in range(pg.num_inner_epochs):
             g = self.generator(epoch_round, f"{self.algo}_train_{inner}")
             batches = list(iter_train_minibatches(n, tmb, rule.num_steps, pg.timestep_fraction, generator=g))
-            window: Dict[str, List[torch.Tensor]] = {}
+            window: List[Dict[str, torch.Tensor]] = []
             for b_i, mb in enumerate(batches):
                 cond = self.backend.encode_prompts([prompts[int(k)] for k in mb.indices])
                 den = self.backend.denoiser(cond, w)
@@ -210,10 +210,9 @@ class PolicyGradientModel(AlignmentModel):
                         self.manual_backward(loss / (k_steps * per_step))
                     else:
                         self._window_bad = True
-                    for k, v in metrics.items():
-                        window.setdefault(k, []).append(v.detach().float())
+                    window.append({k: v.detach().float() for k, v in metrics.items()})
                 if (b_i + 1) % per_step == 0 or b_i == len(batches) - 1:
-                    logs = {k: torch.stack(v).mean() for k, v in window.items()}
+                    logs = window_mean(window)
                     logs.update(reward_stats)
                     logs["samples_seen"] = torch.tensor(float(self.samples_seen))
                     logs["ppo_epoch"] = torch.tensor(float(self.ppo_epochs))
@@ -222,7 +221,7 @@ class PolicyGradientModel(AlignmentModel):
                     logs["epoch_time"] = torch.tensor(time.perf_counter() - self._epoch_start)
                     self._finish_accumulation_window(logs)
                     self._step_start = time.perf_counter()  # the base resets it once per window
-                    last, window = logs, {}
+                    last, window = logs, []
         return last.get("loss", torch.zeros(())).detach()
 
     # ------------------------------------------------------------------ validation
