@@ -73,6 +73,10 @@ class TrainingReport(Callback):
         entry = {"step": trainer.global_step, "reward_base": float(rb.mean()), "reward_tuned": float(rt.mean()),
                  "rewards_base": rb.tolist(), "rewards_tuned": rt.tolist(),
                  "prompts": [p for o in outs for p in o["prompts"]]}
+        # paired per-image statistics (same latents): gain = reward_tuned − reward_base, its standard error
+        diff = rt.double() - rb.double()
+        entry["gain_standard_error"] = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else None
+        entry["images_improved"] = int((diff > 0).sum())
         # per-batch extra reward tensors a model adds (e.g. SDPO: reward at 1/2/4/8 sampling steps)
         for key in outs[0].get("extra_rewards", {}):
             entry[key] = float(torch.cat([o["extra_rewards"][key] for o in outs]).mean())

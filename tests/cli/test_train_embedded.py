@@ -34,5 +34,8 @@ def test_draftp_on_embedded_model_beats_zero_lr_control(tmp_path):
     # <= 0, so mean > 2.5 SE passes by luck with probability < 0.01 (one-sided, n = 96). Measured with
     # this config, seeds 1234/1/2: gain +4.6/+3.6/+4.0, 3.2/3.1/4.0 SE (README "The demo").
     assert diff.mean() > 2.5 * se and diff.mean() > 0, (diff.mean().item(), se.item())
+    # the paired statistics the validation logs (demo summary, draft_vs_draftp) are these numbers
+    assert math.isclose(trained["gain_standard_error"], se.item(), rel_tol=1e-4)
+    assert trained["images_improved"] == int((diff > 0).sum())
     for key in ("diversity_base", "diversity_tuned"):
         assert math.isfinite(trained[key]) and 0 < trained[key] <= 2

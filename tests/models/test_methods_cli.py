@@ -130,6 +130,8 @@ def test_zero_lr_run_renders_the_base_images(tiny_sd_dir, tmp_path):
                           ["model.infer.inference_steps=3", "model.peft.peft_scheme=none", "model.optim.lr=0.0"])) == 0
     val = json.load(open(run / "metrics.json"))["validation"][-1]
     assert val["rewards_tuned"] == val["rewards_base"]
+    # the logged paired statistics see no difference either
+    assert val["gain_standard_error"] == 0.0 and val["images_improved"] == 0
 
 
 # Full fine-tuning on brightness (a reward the random tiny model can move), 3 validation batches of

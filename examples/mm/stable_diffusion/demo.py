@@ -72,7 +72,6 @@ def main(argv=None):
     shutil.rmtree(os.path.join(out, "lora"), ignore_errors=True)
     if os.path.isdir(os.path.join(run_dir, "export")):
         shutil.copytree(os.path.join(run_dir, "export"), os.path.join(out, "lora"))
-    diffs = [t - b for t, b in zip(val[-1]["rewards_tuned"], val[-1]["rewards_base"])]
     summary = {
         "model": what,
         "steps": metrics["train"][-1]["step"],
@@ -80,9 +79,9 @@ def main(argv=None):
         "heldout_reward_after": val[-1]["reward_tuned"],
         "heldout_prompts": len(val[-1]["prompts"]),
         # paired per-image differences, same latents: tuned − base
-        "heldout_gain_mean": statistics.mean(diffs),
-        "heldout_gain_standard_error": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None,
-        "heldout_images_improved": sum(d > 0 for d in diffs),
+        "heldout_gain_mean": val[-1]["reward_tuned"] - val[-1]["reward_base"],
+        "heldout_gain_standard_error": val[-1]["gain_standard_error"],
+        "heldout_images_improved": val[-1]["images_improved"],
         "diversity_before": val[-1].get("diversity_base"),
         "diversity_after": val[-1].get("diversity_tuned"),
         "seconds_per_step_median": statistics.median(step_times) if step_times else None,

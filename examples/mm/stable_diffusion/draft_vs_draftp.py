@@ -49,14 +49,12 @@ def run(kl: float, seed: int, args, sd: str) -> dict:
     seconds = time.perf_counter() - t0
     val = json.load(open(os.path.join(run_dir, "metrics.json")))["validation"]
     first, last = val[0], val[-1]
-    diffs = [t - b for t, b in zip(last["rewards_tuned"], last["rewards_base"])]
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5
     points = [{"step": 0, "reward": first["reward_base"], "diversity": first.get("diversity_base"),
                "lpips": first.get("lpips_diversity_base")}]
     points += [{"step": v["step"], "reward": v["reward_tuned"], "diversity": v.get("diversity_tuned"),
                 "lpips": v.get("lpips_diversity_tuned")} for v in val]
-    return {"kl_coeff": kl, "seed": seed, "points": points, "seconds": seconds, "prompts": len(diffs),
-            "gain_standard_error": se, "images_improved": sum(d > 0 for d in diffs)}
+    return {"kl_coeff": kl, "seed": seed, "points": points, "seconds": seconds, "prompts": len(last["prompts"]),
+            "gain_standard_error": last["gain_standard_error"], "images_improved": last["images_improved"]}
 
 
 def _fmt(x, spec=".3f"):
