@@ -255,11 +255,11 @@ class DiffusionBackend:
 
 def _check_pipeline_dir(path: str) -> None:
     if not path or not os.path.isdir(path):
-        raise FileNotFoundError(f"model.pretrained: {path!r} is not a directory (expected a local "
-                                f"diffusers pipeline directory with model_index.json)")
+        raise FileNotFoundError(f"{path!r} is not a directory (expected a local diffusers pipeline directory "
+                                f"with model_index.json)")
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"model.pretrained: {path!r} has no model_index.json (expected a "
-                                f"diffusers pipeline directory saved with save_pretrained)")
+        raise FileNotFoundError(f"{path!r} has no model_index.json (expected a diffusers pipeline directory "
+                                f"saved with save_pretrained)")
 
 
 def detect_family(path: str) -> str:
@@ -280,4 +280,4 @@ def load_backend(path: str, family: str = "auto", frozen_dtype: torch.dtype = to
         from .sdxl import SDXLBackend
 
         return SDXLBackend.from_pretrained(path, frozen_dtype)
-    raise ValueError(f"model.family must be 'auto', 'sd' or 'sdxl', got {family!r}")
+    raise ValueError(f"unknown model family {family!r} (expected 'auto', 'sd' or 'sdxl')")

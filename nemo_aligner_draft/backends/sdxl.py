@@ -127,7 +127,7 @@ class SDXLBackend(DiffusionBackend):
         _check_pipeline_dir(path)
         missing = [c for c in SDXL_COMPONENTS if not os.path.isdir(os.path.join(path, c))]
         if missing:
-            raise FileNotFoundError(f"model.pretrained: SDXL pipeline directory {path!r} lacks the "
+            raise FileNotFoundError(f"SDXL pipeline directory {path!r} lacks the "
                                     f"subfolder(s) {missing} (expected {list(SDXL_COMPONENTS)})")
         with open(os.path.join(path, "model_index.json")) as f:
             force_zeros = json.load(f).get("force_zeros_for_empty_prompt", True)

@@ -15,6 +15,8 @@ import logging
 import sys
 from typing import List, Optional
 
+from ..errors import EXIT_BAD_INPUT, InputError, attributed
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nad-convert", description="checkpoint conversion (diffusers <-> NeMo)")
@@ -47,6 +49,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def run(args) -> str:
+    """The conversion; what goes wrong is blamed on the source (every message names the file it read)."""
+    with attributed("source", "the checkpoint", args.source):
+        return _convert(args)
+
+
+def _convert(args) -> str:
     from ..export import convert as c
 
     if args.command == "to-diffusers":
@@ -67,9 +75,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         out = run(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError is a ValueError
+    except InputError as e:
         print(f"nad-convert {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(f"wrote {out}")
     return 0
 

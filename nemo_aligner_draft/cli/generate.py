@@ -26,6 +26,8 @@ from typing import List, Optional
 
 import torch
 
+from ..errors import EXIT_BAD_INPUT, InputError, attributed
+
 log = logging.getLogger("nad-generate")
 
 
@@ -70,11 +72,11 @@ def read_prompts(args) -> List[str]:
         prompts = list(args.prompt)
     else:
         if not os.path.isfile(args.prompt_file):
-            raise FileNotFoundError(f"--prompt-file {args.prompt_file!r} does not exist")
+            raise InputError("--prompt-file", f"{args.prompt_file!r} does not exist")
         with open(args.prompt_file, encoding="utf-8") as f:
             prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
         if not prompts:
-            raise ValueError(f"--prompt-file {args.prompt_file!r} holds no prompts")
+            raise InputError("--prompt-file", f"{args.prompt_file!r} holds no prompts")
     return [p for p in prompts for _ in range(args.num_images_per_prompt)]
 
 
@@ -133,10 +135,15 @@ def generate(args) -> dict:
     from ..core.aig import AIGDenoiser
     from ..core.sampler import StepPlan, sample
 
-    prompts = read_prompts(args)
-    backend = load_backend(args.model, args.family)
-    backend.to(args.device)
-    finetuned = attach_finetuned(backend.unet, args)
+    with attributed("--prompt-file", "prompts", args.prompt_file):
+        prompts = read_prompts(args)
+    with attributed("--model", "a diffusers pipeline", args.model):
+        backend = load_backend(args.model, args.family)
+    with attributed("--device"):
+        backend.to(args.device)
+    lora_flag = "--lora" if args.lora else "--soup-lora"
+    with attributed(lora_flag, "a LoRA", args.lora or args.soup_lora):
+        finetuned = attach_finetuned(backend.unet, args)
     if finetuned is not None:
         backend.unet.to(args.device)
     if args.aig:
@@ -145,7 +152,8 @@ def generate(args) -> dict:
     if args.reward:
         from ..rewards import build_reward
 
-        reward = build_reward(args.reward, args.reward_path).to(args.device).eval()
+        with attributed("--reward-path" if args.reward_path else "--reward", "the reward", args.reward_path):
+            reward = build_reward(args.reward, args.reward_path).to(args.device).eval()
     if hasattr(backend, "set_resolution"):
         backend.set_resolution(args.height, args.width)
     rule = backend.step_rule(args.steps, args.sampler)
@@ -182,7 +190,8 @@ def generate(args) -> dict:
         record["aig_weights"] = aig_weights(args.steps, args.aig).tolist()
     if scores is not None:
         record["reward_mean"] = float(scores.mean())
-    write_outputs(args.out, images, record)
+    with attributed("--out"):
+        write_outputs(args.out, images, record)
     return {"images": images, "rewards": scores, "record": record}
 
 
@@ -202,9 +211,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         generate(args)
-    except (FileNotFoundError, ValueError) as e:
+    except InputError as e:
         print(f"nad-generate: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     log.info("wrote %s", args.out)
     return 0
 

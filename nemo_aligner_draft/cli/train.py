@@ -12,32 +12,96 @@ train. Bad input therefore exits with one message and leaves no run directory be
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
+import traceback
 from typing import List, Optional
 
-REPO_CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
-EXIT_BAD_INPUT = 2
+from ..errors import EXIT_BAD_INPUT, InputError, attributed, describe
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A checkout keeps the configs at the top (conf/); an installed wheel carries them in the package.
+REPO_CONF = next((d for d in (os.path.join(_PACKAGE, "conf"), os.path.join(os.path.dirname(_PACKAGE), "conf"))
+                  if os.path.isdir(d)), os.path.join(_PACKAGE, "conf"))
 EXIT_DIVERGED = 3  # model.nan_tolerance consecutive non-finite steps
 
 log = logging.getLogger("nemo_aligner_draft")
 
 
 def compose(config_path: str, config_name: str, overrides: List[str]):
+    """Hydra composition of ``config_name`` in ``config_path`` with ``overrides``. Every failure is an
+    :class:`InputError` naming what caused it: the flag, the override, or ``file:line`` of a YAML error."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     config_dir = os.path.abspath(config_path)
     if not os.path.isdir(config_dir):
-        raise FileNotFoundError(f"--config-path: {config_path!r} is not a directory")
-    if not os.path.isfile(os.path.join(config_dir, config_name + ".yaml")) and not os.path.isfile(os.path.join(config_dir, config_name)):
-        raise FileNotFoundError(f"--config-name: no {config_name}.yaml in {config_dir}")
+        raise InputError("--config-path", f"{config_path!r} is not a directory")
+    name = config_name.removesuffix(".yaml")
+    if not os.path.isfile(os.path.join(config_dir, name + ".yaml")):
+        known = sorted(f[:-5] for f in os.listdir(config_dir) if f.endswith(".yaml"))
+        raise InputError("--config-name", f"no {name}.yaml in {config_dir} (there: {', '.join(known) or 'none'})")
+    parser = OverridesParser.create()
+    for override in overrides:  # one at a time, so the message names the override that is malformed
+        try:
+            parser.parse_overrides([override])
+        except Exception as e:
+            raise InputError(override, _first_line(e)) from None
+    log.info(f"config: {os.path.join(config_dir, name + '.yaml')}")
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        return hydra_compose(config_name=config_name.removesuffix(".yaml"), overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            return hydra_compose(config_name=name, overrides=list(overrides))
+    except Exception as e:
+        raise _composition_error(e, overrides) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _validated(load_config, dict_cfg):
+    """The typed config; an interpolation that does not resolve is an error of the key that holds it."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return load_config(dict_cfg)
+    except OmegaConfBaseException as e:
+        raise InputError(str(getattr(e, "full_key", "") or "--config-name"), _first_line(e)) from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _composition_error(e: BaseException, overrides: List[str]) -> InputError:
+    """What Hydra/OmegaConf/YAML raised while composing, as an InputError with the key that caused it."""
+    import re
+
+    import yaml
+
+    chain, seen = [], e
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in chain:
+        if isinstance(err, yaml.MarkedYAMLError):
+            mark = err.problem_mark or err.context_mark
+            where = f"{mark.name}:{mark.line + 1}" if mark is not None else "yaml"
+            what = " ".join(x for x in (err.context, err.problem) if x)
+            return InputError(where, f"YAML syntax error: {what}")
+    text = _first_line(e)
+    m = re.search(r"override '([^']+)'", text) or re.search(r"[Kk]ey '([^']+)'", text)
+    if m:
+        key = m.group(1)
+        override = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), None)
+        return InputError(key, f"{text}" + (f" (from the override {override!r})" if override else ""))
+    full_key = getattr(e, "full_key", None)
+    if full_key:
+        return InputError(str(full_key), text)
+    return InputError("--config-name", text)
 
 
 def parse_args(argv: Optional[List[str]] = None, default_config: str = "draftp_sd"):
@@ -49,35 +113,76 @@ def parse_args(argv: Optional[List[str]] = None, default_config: str = "draftp_s
 
 
 def preflight(cfg) -> dict:
-    """Check paths and inputs; return the loaded prompts and reward. Raises with key-named messages."""
+    """Check every path and input before anything is created; return the loaded prompts and reward.
+
+    Each step runs under :func:`attributed` with the key whose value it acts on, so whatever goes wrong
+    in it (ours or a library's) is reported as an :class:`InputError` of that key."""
     from ..backends.base import detect_family
     from ..data.prompts import load_prompts
     from ..rewards.base import Reward
 
     m = cfg.model
-    with input_errors("model.pretrained", m.pretrained, "a diffusers pipeline"):
-        detect_family(m.pretrained)  # raises FileNotFoundError naming model.pretrained
+    with attributed("model.pretrained", "a diffusers pipeline", m.pretrained):
+        family = detect_family(m.pretrained)
+    if m.family not in ("auto", family):
+        raise InputError("model.family", f"got {m.family!r}, but model.pretrained={m.pretrained!r} holds an "
+                                         f"{family!r} pipeline (model_index.json); use model.family=auto")
+    if cfg.trainer.accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("trainer.accelerator", f"got {cfg.trainer.accelerator!r}, but no CUDA device is "
+                                                    f"visible to torch (use cpu or auto)")
     lpips_path = m.diversity.lpips_backbone_path
     if lpips_path is not None and not os.path.isfile(lpips_path):
-        raise FileNotFoundError(f"model.diversity.lpips_backbone_path: {lpips_path!r} does not exist "
-                                f"(expected a local torchvision AlexNet/VGG16 state dict file)")
-    train = load_prompts(m.data.train.dataset_path, "model.data.train.dataset_path", m.data.max_prompt_chars)
+        raise InputError("model.diversity.lpips_backbone_path", f"{lpips_path!r} does not exist "
+                         f"(expected a local torchvision AlexNet/VGG16 state dict file)")
+    key = "model.data.train.dataset_path"
+    with attributed(key, "prompts", m.data.train.dataset_path):
+        train = load_prompts(m.data.train.dataset_path, key, m.data.max_prompt_chars)
     world = _world(cfg.trainer)
     if len(train) < m.micro_batch_size * world:
-        raise ValueError(f"model.data.train.dataset_path: {len(train)} prompt(s), fewer than one round of "
-                         f"model.micro_batch_size × data-parallel size = {m.micro_batch_size} × {world}")
+        raise InputError(key, f"{len(train)} prompt(s), fewer than one round of model.micro_batch_size × "
+                              f"data-parallel size = {m.micro_batch_size} × {world}")
+    pg = getattr(m, m.algorithm, None) if m.algorithm in ("ddpo", "sdpo") else None
+    if pg is not None and len(train) < m.micro_batch_size * pg.num_sample_batches * world:
+        raise InputError(f"model.{m.algorithm}.num_sample_batches",
+                         f"one PPO epoch draws model.micro_batch_size × num_sample_batches × data-parallel size = "
+                         f"{m.micro_batch_size * pg.num_sample_batches * world} prompts, but {key} has only {len(train)}")
     val = None
     if m.data.validation.dataset_path:
-        val = load_prompts(m.data.validation.dataset_path, "model.data.validation.dataset_path", m.data.max_prompt_chars)
-    with input_errors("rm.model.restore_from_path" if cfg.rm.model.restore_from_path else "rm.name",
-                      cfg.rm.model.restore_from_path or cfg.rm.name, "the reward"):
-        reward = build_reward_from_config(cfg.rm)
+        key = "model.data.validation.dataset_path"
+        with attributed(key, "prompts", m.data.validation.dataset_path):
+            val = load_prompts(m.data.validation.dataset_path, key, m.data.max_prompt_chars)
+    reward = build_reward_from_config(cfg.rm)
     if not reward.differentiable and m.algorithm in ("draftp", "alignprop"):
-        raise ValueError(f"rm.name: reward {reward.name!r} is not differentiable; model.algorithm={m.algorithm} "
-                         f"backpropagates through the reward (use ddpo or sdpo, or a differentiable reward)")
+        raise InputError("rm.name", f"reward {reward.name!r} is not differentiable; model.algorithm={m.algorithm} "
+                                    f"backpropagates through the reward (use ddpo or sdpo, or a differentiable reward)")
     assert isinstance(reward, Reward)
-    probe_reward(reward, cfg)
+    with attributed("rm.name", "the reward"):
+        probe_reward(reward, cfg)
+    check_run_dir(cfg)
     return {"train": train, "val": val, "reward": reward}
+
+
+def check_run_dir(cfg) -> None:
+    """The run directory can be created (or, on resume, written): checked before anything exists."""
+    e = cfg.exp_manager
+    key = "exp_manager.explicit_log_dir" if e.explicit_log_dir else ("exp_manager.exp_dir" if e.exp_dir else
+                                                                     "exp_manager.exp_dir (default ./nemo_experiments)")
+    path = os.path.abspath(planned_log_dir(cfg))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(key, f"{path!r} exists and is not a directory")
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise InputError(key, f"cannot create the run directory {path!r}: {probe!r} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(key, f"cannot create the run directory {path!r}: {probe!r} is not writable")
 
 
 def probe_reward(reward, cfg) -> None:
@@ -97,25 +202,35 @@ def probe_reward(reward, cfg) -> None:
 
 def build_reward_from_config(rm):
     from ..rewards import build_reward
+    from ..rewards.base import resolve_factory
 
     path = rm.model.restore_from_path
     if path is not None and not os.path.exists(path):
-        raise FileNotFoundError(f"rm.model.restore_from_path: {path!r} does not exist")
+        raise InputError("rm.model.restore_from_path", f"{path!r} does not exist")
     kwargs = dict(rm.kwargs)
     if rm.components and rm.name != "weighted_sum":
-        raise ValueError(f"rm.components: {len(rm.components)} rewards listed, but rm.name is {rm.name!r}; "
-                         f"components are only used with rm.name=weighted_sum")
+        raise InputError("rm.components", f"{len(rm.components)} rewards listed, but rm.name is {rm.name!r}; "
+                                          f"components are only used with rm.name=weighted_sum")
+    with attributed("rm.name"):
+        resolve_factory(rm.name)
     if rm.name == "weighted_sum":
         kwargs["components"] = [
             {"name": c.name, "weight": c.weight, "path": c.model.restore_from_path, "kwargs": dict(c.kwargs)}
             for c in rm.components
         ]
         for i, c in enumerate(rm.components):
+            with attributed(f"rm.components[{i}].name"):
+                resolve_factory(c.name)
             if c.model.restore_from_path is not None and not os.path.exists(c.model.restore_from_path):
-                raise FileNotFoundError(f"rm.components[{i}].model.restore_from_path: "
-                                        f"{c.model.restore_from_path!r} does not exist")
+                raise InputError(f"rm.components[{i}].model.restore_from_path",
+                                 f"{c.model.restore_from_path!r} does not exist")
     # rm.fp32 keeps the reward's weights and inputs in fp32 and outside autocast
-    return build_reward(rm.name, path=path, fp32=rm.fp32, **kwargs)
+    if rm.name == "weighted_sum":
+        key = "rm.components"
+    else:
+        key = "rm.model.restore_from_path" if path else ("rm.kwargs" if kwargs else "rm.name")
+    with attributed(key, "the reward", path):
+        return build_reward(rm.name, path=path, fp32=rm.fp32, **kwargs)
 
 
 def model_class(algorithm: str):
@@ -127,7 +242,7 @@ def model_class(algorithm: str):
         from ..models.policy_gradient import PolicyGradientModel
 
         return PolicyGradientModel
-    raise ValueError(f"model.algorithm: unknown {algorithm!r}")
+    raise InputError("model.algorithm", f"unknown {algorithm!r}")
 
 
 # Set to a directory to have every rank write its trainable parameters, prompts and first latents
@@ -150,13 +265,20 @@ def build_trainer(cfg, max_steps: int, accumulation: int):
         from ..models.distributed import RankDump
 
         callbacks.append(RankDump(os.environ[RANK_DUMP_ENV]))
-    return Trainer(callbacks=callbacks,
-        accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision=precision,
-        max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
-        use_distributed_sampler=False, val_check_interval=val_every, check_val_every_n_epoch=None,
-        limit_val_batches=loop.limit_val_batches if val_every else 0, num_sanity_val_steps=0,
-        log_every_n_steps=t.log_every_n_steps, plugins=[AtomicCheckpointIO()], enable_model_summary=False,
-    )
+    try:
+        return Trainer(
+            callbacks=callbacks, accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes,
+            strategy=strategy, precision=precision, max_steps=max_steps, max_epochs=-1, logger=False,
+            enable_checkpointing=False, use_distributed_sampler=False, val_check_interval=val_every,
+            check_val_every_n_epoch=None, limit_val_batches=loop.limit_val_batches if val_every else 0,
+            num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, plugins=[AtomicCheckpointIO()],
+            enable_model_summary=False)
+    except Exception as e:  # Lightning refuses a combination: blame the trainer key its message names
+        text = str(e).lower()
+        words = {"accelerator": ("accelerator", "gpu", "cuda", "mps"), "devices": ("devices",),
+                 "num_nodes": ("num_nodes", "nodes"), "strategy": ("strategy",), "precision": ("precision",)}
+        key = next((f"trainer.{k}" for k, ws in words.items() if any(w in text for w in ws)), "trainer")
+        raise InputError(key, describe(e)) from e
 
 
 def build_strategy(t, accelerator: str):
@@ -169,8 +291,8 @@ def build_strategy(t, accelerator: str):
     backend = "nccl" if on_gpu else "gloo"
     if t.strategy == "fsdp":
         if not on_gpu:
-            raise ValueError("trainer.strategy: fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU "
-                             "accelerator); use trainer.strategy=ddp or auto on CPU")
+            raise InputError("trainer.strategy", "fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU "
+                                                 "accelerator); use trainer.strategy=ddp or auto on CPU")
         # use_orig_params: frozen (VAE, text encoders, reference) and trainable weights share flat
         # parameters; activation checkpointing is the model's own (model.activation_checkpointing)
         return FSDPStrategy(process_group_backend=backend, use_orig_params=True)
@@ -232,24 +354,30 @@ def run(cfg, dict_cfg) -> str:
     accumulation = max(cfg.model.global_batch_size // (cfg.model.micro_batch_size * world), 1)
     max_steps = effective_max_steps(cfg.loop, cfg.trainer.max_steps, len(inputs["train"]), cfg.model.global_batch_size)
     cls = model_class(cfg.model.algorithm)
-    with input_errors("model.pretrained", cfg.model.pretrained, "a diffusers pipeline"):
-            model = cls(cfg=OmegaConf.create(OmegaConf.to_container(dict_cfg.model, resolve=True)), trainer=None,
+    # The model attributes each step of its construction to the key it acts on (models/base.py);
+    # "model" is the fallback for what no step claims.
+    with attributed("model"):
+        model = cls(cfg=OmegaConf.create(OmegaConf.to_container(dict_cfg.model, resolve=True)), trainer=None,
                     loop=cfg.loop, reward=inputs["reward"], train_prompts=inputs["train"], val_prompts=inputs["val"],
                     precision=cfg.trainer.precision)
-    attach_diversity(model)
+    with attributed("model.diversity.lpips_backbone_path", "the LPIPS backbone",
+                    cfg.model.diversity.lpips_backbone_path):
+        attach_diversity(model)
     trainer = build_trainer(cfg, max_steps, accumulation)
     from nemo.utils.exp_manager import exp_manager
 
-    if cfg.exp_manager.resume_if_exists:
-        from ..models.checkpoint_io import tidy_checkpoint_dir
+    run_dir_key = "exp_manager.explicit_log_dir" if cfg.exp_manager.explicit_log_dir else "exp_manager.exp_dir"
+    with attributed(run_dir_key):
+        if cfg.exp_manager.resume_if_exists:
+            from ..models.checkpoint_io import tidy_checkpoint_dir
 
-        for moved in tidy_checkpoint_dir(os.path.join(planned_log_dir(cfg), "checkpoints")):
-            log.warning(f"resume: set aside {moved} (left over from an interrupted run)")
-    log_dir = str(exp_manager(trainer, exp_manager_config(cfg, "train_loss")))
+            for moved in tidy_checkpoint_dir(os.path.join(planned_log_dir(cfg), "checkpoints")):
+                log.warning(f"resume: set aside {moved} (left over from an interrupted run)")
+        log_dir = str(exp_manager(trainer, exp_manager_config(cfg, "train_loss")))
+        with open(os.path.join(log_dir, "config.yaml.tmp"), "w") as f:
+            f.write(OmegaConf.to_yaml(dict_cfg))
+        os.replace(os.path.join(log_dir, "config.yaml.tmp"), os.path.join(log_dir, "config.yaml"))
     trainer.callbacks.append(TrainingReport(log_dir))
-    with open(os.path.join(log_dir, "config.yaml.tmp"), "w") as f:
-        f.write(OmegaConf.to_yaml(dict_cfg))
-    os.replace(os.path.join(log_dir, "config.yaml.tmp"), os.path.join(log_dir, "config.yaml"))
     model.set_trainer(trainer)
     trainer.fit(model, ckpt_path=getattr(trainer, "ckpt_path", None))
     if trainer.is_global_zero and cfg.model.peft.peft_scheme != "none":
@@ -276,8 +404,6 @@ def attach_diversity(model) -> None:
     if path is not None:
         from ..metrics.diversity import LpipsDiversity
 
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"model.diversity.lpips_backbone_path: {path!r} does not exist")
         model.lpips_fn = LpipsDiversity(net=net, backbone_path=path)
     embed = getattr(model.reward, "image_embeddings", None)
     if not callable(embed):
@@ -294,57 +420,31 @@ def attach_diversity(model) -> None:
 
 
 def main(argv: Optional[List[str]] = None, default_config: str = "draftp_sd") -> int:
-    from ..config import ConfigError, load_config
+    """Exit codes: 0 done, 2 bad input (one line per problem, naming its key; nothing created),
+    3 training diverged (``model.nan_tolerance``). Anything else is a bug and keeps its traceback;
+    ``NAD_TRACEBACK=1`` shows the traceback behind a bad-input message too."""
+    from ..config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv, default_config)
     try:
         dict_cfg = compose(args.config_path, args.config_name, args.overrides)
-        cfg = load_config(dict_cfg)
-        preflight_only = os.environ.get("NAD_PREFLIGHT_ONLY") == "1"
-        if preflight_only:
+        cfg = _validated(load_config, dict_cfg)
+        if os.environ.get("NAD_PREFLIGHT_ONLY") == "1":
             preflight(cfg)
             print("configuration and inputs OK")
             return 0
         log_dir = run(cfg, dict_cfg)
-    except ConfigError as e:
+    except InputError as e:
+        if os.environ.get("NAD_TRACEBACK") == "1":
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except FloatingPointError as e:  # the NaN guard gave up (models/base.py)
         print(f"error: training stopped: {e}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (FileNotFoundError, ValueError, TypeError, PermissionError) as e:
-        if _is_user_input_error(e):
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
-    except Exception as e:  # Hydra's own override errors
-        if type(e).__module__.startswith(("hydra", "omegaconf")):
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
     print(f"run directory: {log_dir}")
     return 0
-
-
-@contextlib.contextmanager
-def input_errors(key: str, path, what: str):
-    """Loading ``what`` from a user path: an error that does not already name a key (a corrupt JSON
-    file, a truncated safetensors file) is re-raised as one line naming ``key`` and the path."""
-    try:
-        yield
-    except Exception as e:
-        if _is_user_input_error(e) or isinstance(e, (KeyboardInterrupt, MemoryError)):
-            raise
-        detail = (str(e).strip().splitlines() or [""])[-1][:300]
-        raise ValueError(f"{key}: cannot load {what} from {path!r}: {type(e).__name__}: {detail}") from e
-
-
-def _is_user_input_error(e: Exception) -> bool:
-    """Errors we raise for bad input name a config key or path; anything else is a bug: re-raise."""
-    text = str(e)
-    return any(text.startswith(p) for p in ("model.", "rm.", "trainer.", "exp_manager.", "--config", "checkpoint")) \
-        or isinstance(e, FileNotFoundError)
 
 
 if __name__ == "__main__":

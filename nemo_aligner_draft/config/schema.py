@@ -11,17 +11,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
+from ..errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
 from .tracking import Node
 
 ALGORITHMS = ("draftp", "alignprop", "ddpo", "sdpo")
-
-
-class ConfigError(ValueError):
-    """Raised with one line per problem; ``problems`` holds them."""
-
-    def __init__(self, problems: List[str]):
-        self.problems = list(problems)
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 # --------------------------------------------------------------------------- trainer

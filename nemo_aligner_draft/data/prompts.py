@@ -11,6 +11,8 @@ import json
 import os
 from typing import Callable, Dict, List
 
+from ..errors import InputError
+
 BUILTIN_PROMPTS: Dict[str, Callable[[], List[str]]] = {}
 
 
@@ -49,21 +51,21 @@ def _line_ranges(numbers: List[int]) -> str:
 
 
 def load_prompts(path: str, key: str = "model.data.train.dataset_path", max_chars: int = 1000) -> List[str]:
-    """Read prompts; raise ValueError/FileNotFoundError naming ``key`` and ``path`` on bad input."""
+    """Read prompts; bad input raises :class:`InputError` of ``key`` (the config key that named ``path``)."""
     if path.startswith("builtin:"):
         name = path[len("builtin:"):]
         if name not in BUILTIN_PROMPTS:
-            raise ValueError(f"{key}: unknown built-in prompt set {name!r}; known: {sorted(BUILTIN_PROMPTS)}")
+            raise InputError(key, f"unknown built-in prompt set {name!r}; known: {sorted(BUILTIN_PROMPTS)}")
         return list(BUILTIN_PROMPTS[name]())
     if os.path.isdir(path):
-        raise ValueError(f"{key}: {path!r} is a directory, expected a prompt file (.txt or .jsonl)")
+        raise InputError(key, f"{path!r} is a directory, expected a prompt file (.txt or .jsonl)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{key}: prompt file {path!r} does not exist")
+        raise InputError(key, f"prompt file {path!r} does not exist")
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{key}: cannot read prompt file {path!r}: {e}") from e
+        raise InputError(key, f"cannot read prompt file {path!r}: {e}") from e
     while lines and not lines[-1].strip():  # a trailing newline is not a blank prompt
         lines.pop()
     prompts, blank, long_ = [], [], []
@@ -72,9 +74,9 @@ def load_prompts(path: str, key: str = "model.data.train.dataset_path", max_char
             try:
                 obj = json.loads(line) if line.strip() else None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{key}: {path}:{n}: not valid JSON ({e.msg})") from e
+                raise InputError(key, f"{path}:{n}: not valid JSON ({e.msg})") from e
             if obj is not None and (not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str)):
-                raise ValueError(f"{key}: {path}:{n}: expected an object with a string field \"prompt\"")
+                raise InputError(key, f"{path}:{n}: expected an object with a string field \"prompt\"")
             line = obj["prompt"] if obj is not None else ""
         text = line.strip()
         if not text:
@@ -88,9 +90,9 @@ def load_prompts(path: str, key: str = "model.data.train.dataset_path", max_char
     if long_:
         problems.append(f"prompt longer than model.data.max_prompt_chars={max_chars} on line(s) {_line_ranges(long_)}")
     if problems:
-        raise ValueError(f"{key}: {path}: " + "; ".join(problems))
+        raise InputError(key, f"{path}: " + "; ".join(problems))
     if not prompts:
-        raise ValueError(f"{key}: prompt file {path!r} is empty")
+        raise InputError(key, f"prompt file {path!r} is empty")
     return prompts
 
 

@@ -25,6 +25,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..errors import InputError
 from .ldm_layout import (
     UNET_PREFIXES,
     VAE_PREFIXES,
@@ -47,7 +48,7 @@ def atomic_output(path: str, is_dir: bool):
     """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
     path = os.path.abspath(path)
     if os.path.exists(path) and (not is_dir or os.listdir(path)):
-        raise FileExistsError(f"output {path!r} already exists; remove it or choose another path")
+        raise InputError("out", f"{path!r} already exists; remove it or choose another path")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=".convert-", dir=parent)
@@ -107,7 +108,7 @@ def read_nemo_archive(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
 
 def _check_pipeline(base: Optional[str], what: str) -> str:
     if not base or not os.path.isfile(os.path.join(base, "model_index.json")):
-        raise FileNotFoundError(f"{what}: {base!r} is not a diffusers pipeline directory (no model_index.json)")
+        raise InputError("--base", f"{base!r} is not a diffusers pipeline directory (no model_index.json; {what})")
     return base
 
 

@@ -26,6 +26,7 @@ from ..backends.base import LORA_TARGETS, DiffusionBackend, load_backend
 from ..config.schema import AlgoLoopConfig, ModelConfig, _build
 from ..data.prompts import PromptDataset, collate_prompts
 from ..data.sampler import PromptSampler
+from ..errors import InputError, attributed
 from ..rewards.base import Reward, check_reward_output
 from . import distributed
 
@@ -39,7 +40,7 @@ def typed_model_config(cfg) -> ModelConfig:
     problems: List[str] = []
     node = _build(ModelConfig, raw, "model", problems)
     if problems:
-        from ..config.schema import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(problems)
     return node
@@ -72,21 +73,26 @@ class AlignmentModel(ModelPT):
         self.loop = loop or AlgoLoopConfig()
         self.precision_name = str(precision)
         m = self.mcfg
-        backend = load_backend(m.pretrained, m.family, frozen_dtype_for(precision))
+        with attributed("model.pretrained", "a diffusers pipeline", m.pretrained):
+            backend = load_backend(m.pretrained, m.family, frozen_dtype_for(precision))
         self.backend: DiffusionBackend = backend
         if m.activation_checkpointing and hasattr(backend, "set_activation_checkpointing"):
-            backend.set_activation_checkpointing(True)
+            with attributed("model.activation_checkpointing"):
+                backend.set_activation_checkpointing(True)
         # registered so Lightning moves them and .nemo archives are self-contained
         self.unet = backend.unet
         self.vae = backend.vae
         self.text_encoders = torch.nn.ModuleList(backend.text_encoders)
         scheme = m.peft.peft_scheme
+        lora = m.peft.lora_tuning
         if scheme == "none":
             backend.set_full_finetune()
         else:
-            targets = m.peft.lora_tuning.target_modules or LORA_TARGETS[scheme]
-            backend.add_lora(m.peft.lora_tuning.adapter_dim, m.peft.lora_tuning.network_alpha, targets)
-        backend.setup_reference(use_adapters=scheme != "none")
+            key = "model.peft.lora_tuning.target_modules" if lora.target_modules else "model.peft.peft_scheme"
+            with attributed(key):
+                backend.add_lora(lora.adapter_dim, lora.network_alpha, lora.target_modules or LORA_TARGETS[scheme])
+        with attributed("model.peft.peft_scheme"):
+            backend.setup_reference(use_adapters=scheme != "none")
         self.reward = reward
         self.train_prompts = train_prompts
         self.val_prompts = val_prompts
@@ -340,21 +346,28 @@ class AlignmentModel(ModelPT):
             if ema:
                 opt.ema_params = tuple(t.detach() for t in ema)
 
+    def checkpoint_key(self) -> str:
+        """What a resume error blames: the checkpoint file being restored (exp_manager picked it)."""
+        trainer = getattr(self, "_trainer", None)
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        return str(path) if path else "exp_manager.resume_if_exists"
+
     def on_load_checkpoint(self, checkpoint: Dict) -> None:
+        key = self.checkpoint_key()
         state = checkpoint.get("alignment_state")
         if state is None:
-            raise ValueError("checkpoint has no alignment_state: it was not written by nemo_aligner_draft")
+            raise InputError(key, "checkpoint has no alignment_state: it was not written by nemo_aligner_draft")
         mine = (self.mcfg.peft.peft_scheme, self.mcfg.peft.lora_tuning.adapter_dim)
         theirs = (state.get("peft_scheme"), state.get("adapter_dim"))
         if mine != theirs:
-            raise ValueError(f"checkpoint was trained with peft_scheme/adapter_dim={theirs}, but the config "
-                             f"has model.peft.peft_scheme/model.peft.lora_tuning.adapter_dim={mine}")
+            raise InputError(key, f"checkpoint was trained with peft_scheme/adapter_dim={theirs}, but the config "
+                                  f"has model.peft.peft_scheme/model.peft.lora_tuning.adapter_dim={mine}")
         own = {n: p for n, p in self.named_parameters() if p.requires_grad}
         missing = sorted(set(own) - set(checkpoint["state_dict"]))
         shapes = [k for k, v in checkpoint["state_dict"].items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if missing or shapes:
-            raise ValueError(f"checkpoint does not match this model: {len(missing)} missing trainable tensors "
-                             f"(e.g. {missing[:3]}), {len(shapes)} with mismatched shapes (e.g. {shapes[:3]})")
+            raise InputError(key, f"checkpoint does not match this model: {len(missing)} missing trainable tensors "
+                                  f"(e.g. {missing[:3]}), {len(shapes)} with mismatched shapes (e.g. {shapes[:3]})")
         self.consumed_samples = int(state["consumed_samples"])
         self.nan_skipped_steps = int(state["nan_skipped_steps"])
 

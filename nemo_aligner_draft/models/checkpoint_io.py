@@ -21,6 +21,8 @@ from typing import List
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ..errors import InputError
+
 TMP_MARK = ".tmp-"
 
 
@@ -66,13 +68,13 @@ def safe_load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist") from None
+        raise InputError(str(path), "checkpoint does not exist") from None
     except Exception as e:  # truncated file, foreign pickle, classes outside the allow-list
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         # torch's refusal is several paragraphs; the line naming the forbidden global is the useful one
         named = [line for line in lines if "unsupported global" in line.lower() or "WeightsUnpickler error" in line]
         detail = (named or lines or [type(e).__name__])[-1][:400]
-        raise ValueError(f"checkpoint {str(path)!r} cannot be loaded safely (weights_only=True): {detail}") from e
+        raise InputError(str(path), f"checkpoint cannot be loaded safely (weights_only=True): {detail}") from e
 
 
 def _pid_alive(pid: int) -> bool:

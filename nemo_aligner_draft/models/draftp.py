@@ -6,6 +6,7 @@ from typing import List
 
 from ..core.alignprop import AlignPropConfig, alignprop_objective
 from ..core.draft import DraftConfig, draft_objective
+from ..errors import InputError
 from .base import AlignmentModel
 
 
@@ -26,7 +27,7 @@ class DraftPlusModel(AlignmentModel):
         m = self.mcfg
         a = m.alignprop
         if a is None:
-            raise ValueError("model.alignprop: missing (model.algorithm=alignprop needs it)")
+            raise InputError("model.alignprop", "missing (model.algorithm=alignprop needs it)")
         mode = "per_step" if a.truncation == "per_step" else a.cut_distribution
         return AlignPropConfig(truncation=mode, gaussian_mean=a.cut_mean, gaussian_std=a.cut_std,
                                uniform_min=a.cut_min, uniform_max=a.cut_max, fixed_cut=a.fixed_cut,

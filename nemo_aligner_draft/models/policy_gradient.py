@@ -41,6 +41,7 @@ from ..core.sdpo import dense_rewards, discounted_returns, sdpo_advantages, sdpo
 from ..core.stat_tracking import PerPromptStatTracker, batch_advantages
 from ..data.prompts import PromptDataset, collate_prompts
 from ..data.sampler import PromptSampler
+from ..errors import InputError
 from .base import AlignmentModel, seeded_generator, window_mean
 
 
@@ -59,11 +60,11 @@ class PolicyGradientModel(AlignmentModel):
         super().__init__(*args, **kwargs)
         m = self.mcfg
         if m.algorithm not in ("ddpo", "sdpo"):
-            raise ValueError(f"model.algorithm: PolicyGradientModel runs ddpo or sdpo, got {m.algorithm!r}")
+            raise InputError("model.algorithm", f"PolicyGradientModel runs ddpo or sdpo, got {m.algorithm!r}")
         self.algo = m.algorithm
         self.pg = m.ddpo if self.algo == "ddpo" else m.sdpo
         if self.pg is None:
-            raise ValueError(f"model.{self.algo}: missing (model.algorithm={self.algo} needs it)")
+            raise InputError(f"model.{self.algo}", f"missing (model.algorithm={self.algo} needs it)")
         eta = m.infer.eta
         if self.algo == "ddpo":
             self.core_cfg = CoreDDPOConfig(eta=eta, clip_range=self.pg.clip_range, adv_clip_max=self.pg.adv_clip_max,
@@ -88,9 +89,9 @@ class PolicyGradientModel(AlignmentModel):
         ds = PromptDataset(self.train_prompts)
         need = self.prompts_per_epoch * self.dp_size
         if len(ds) < need:
-            raise ValueError(f"model.{self.algo}.num_sample_batches: one PPO epoch draws micro_batch_size × "
-                             f"num_sample_batches × data-parallel size = {need} prompts, but "
-                             f"model.data.train.dataset_path has only {len(ds)}")
+            raise InputError(f"model.{self.algo}.num_sample_batches",
+                             f"one PPO epoch draws micro_batch_size × num_sample_batches × data-parallel size = "
+                             f"{need} prompts, but model.data.train.dataset_path has only {len(ds)}")
         trainer = getattr(self, "_trainer", None)
         max_steps = trainer.max_steps if trainer is not None else -1
         sampler = PromptSampler(len(ds), self.prompts_per_epoch, self.dp_rank, self.dp_size, self.mcfg.seed,
@@ -270,10 +271,11 @@ class PolicyGradientModel(AlignmentModel):
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("policy_gradient_state")
         if state is None:
-            raise ValueError("checkpoint has no policy_gradient_state: it was not written by a ddpo/sdpo run")
+            raise InputError(self.checkpoint_key(), "checkpoint has no policy_gradient_state: it was not written "
+                                                    "by a ddpo/sdpo run")
         if state["algorithm"] != self.algo:
-            raise ValueError(f"checkpoint was trained with model.algorithm={state['algorithm']}, "
-                             f"but the config has model.algorithm={self.algo}")
+            raise InputError(self.checkpoint_key(), f"checkpoint was trained with model.algorithm={state['algorithm']}, "
+                                                    f"but the config has model.algorithm={self.algo}")
         self.samples_seen = int(state["samples_seen"])
         self.ppo_epochs = int(state["ppo_epochs"])
         if self.tracker is not None and state["tracker"] is not None:

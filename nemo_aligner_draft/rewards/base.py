@@ -16,6 +16,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import InputError
+
 REWARDS: Dict[str, Callable[..., "Reward"]] = {}
 
 
@@ -134,11 +136,11 @@ def resolve_factory(name: str) -> Callable[..., Reward]:
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
-            raise ValueError(f"rm.name: cannot import module {module_name!r} for reward {name!r}: {e}") from e
+            raise ValueError(f"cannot import module {module_name!r} for reward {name!r}: {e}") from e
         if not hasattr(module, attr):
-            raise ValueError(f"rm.name: module {module_name!r} has no attribute {attr!r}")
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
         return getattr(module, attr)
-    raise ValueError(f"rm.name: unknown reward {name!r}; registered: {sorted(REWARDS)}, "
+    raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}, "
                      f"or give 'package.module:callable'")
 
 
@@ -162,16 +164,16 @@ def build_reward(name: str, path: Optional[str] = None, fp32: bool = False, **kw
 
 
 def check_reward_output(r: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    """Validate a reward's output: a floating tensor of shape ``[B]``. Messages start with ``rm.name``,
-    the key that chose the reward, so the CLI reports them as bad input rather than as a crash.
+    """Validate a reward's output: a floating tensor of shape ``[B]``. A wrong output is the fault of the
+    reward ``rm.name`` chose, so it is an :class:`InputError` of that key, not a crash.
     Finiteness is not checked here: a NaN reward is the NaN guard's job (skip the step, count it)."""
     if not torch.is_tensor(r):
-        raise TypeError(f"rm.name: reward {name!r} returned {type(r).__name__}, expected a float tensor of "
-                        f"shape [{batch}] (one score per image)")
+        raise InputError("rm.name", f"reward {name!r} returned {type(r).__name__}, expected a float tensor of "
+                                    f"shape [{batch}] (one score per image)")
     if tuple(r.shape) != (batch,):
-        raise ValueError(f"rm.name: reward {name!r} returned shape {tuple(r.shape)}, expected [{batch}] "
-                         f"(one score per image)")
+        raise InputError("rm.name", f"reward {name!r} returned shape {tuple(r.shape)}, expected [{batch}] "
+                                    f"(one score per image)")
     if not r.is_floating_point():
-        raise TypeError(f"rm.name: reward {name!r} returned dtype {r.dtype}, expected a floating dtype "
-                        f"(float32, bfloat16, ...)")
+        raise InputError("rm.name", f"reward {name!r} returned dtype {r.dtype}, expected a floating dtype "
+                                    f"(float32, bfloat16, ...)")
     return r

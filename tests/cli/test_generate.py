@@ -125,3 +125,25 @@ def test_sdxl_lora_and_aig_endpoints(tmp_path):
     aig0 = _gen(sdxl, tmp_path / "aig0", "--lora", lora, "--aig", "constant_0")
     assert (base - tuned).abs().max() > 1e-3
     assert torch.equal(aig1, tuned) and torch.equal(aig0, base)
+
+
+def test_bad_input_names_the_flag(tiny_sd_dir, tmp_path, capsys):
+    """Each failure names the flag whose value caused it; a file a library cannot parse (a truncated
+    safetensors file) is one line too, not a traceback; nothing is written."""
+    out = tmp_path / "o"
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    cases = [
+        (["--model", str(tmp_path / "nope")], "--model: "),
+        (["--model", str(tmp_path)], "--model: "),
+        (["--model", tiny_sd_dir, "--lora", str(broken)], "--lora: "),
+        (["--model", tiny_sd_dir, "--reward", "no_such_reward"], "--reward: unknown reward 'no_such_reward'"),
+    ]
+    for args, expect in cases:
+        rc = main([*args, "--prompt", "x", "--steps", "1", "--height", "64", "--width", "64", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2, (args, err[-1500:])
+        lines = [ln for ln in err.splitlines() if "error:" in ln]
+        assert len(lines) == 1 and expect in lines[0], (args, err[-1500:])
+        assert "Traceback" not in err
+        assert not out.exists(), args

@@ -41,6 +41,7 @@ def _files(tmp_path):
     (d / "binary.txt").write_bytes(b"a cat\n\xff\xfe\xfa broken\n")
     (d / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": 3}\n')
     (d / "one.txt").write_text("a single prompt\n")
+    (d / "two.txt").write_text("a first prompt\na second prompt\n")
     (d / "somedir").mkdir()
     (d / "not_sd").mkdir()
     (d / "corrupt_sd").mkdir()
@@ -92,7 +93,7 @@ CASES = [
     ("missing reward weights", ["rm.name=clip_score", "rm.model.restore_from_path=/nonexistent/clip"],
      ["rm.model.restore_from_path: '/nonexistent/clip' does not exist"]),
     ("unreadable reward weights", ["rm.name=aesthetic", "rm.model.restore_from_path={d}/rm.bin"],
-     ["rm.model.restore_from_path: cannot load the reward from"]),
+     ["rm.model.restore_from_path: reward 'aesthetic': cannot load", "rm.bin"]),
     ("unknown reward", ["rm.name=nope"], ["rm.name: unknown reward 'nope'"]),
     ("reward module does not import", ["rm.name=no_such_module_xyz:fn"], ["rm.name: cannot import module"]),
     ("reward returns the wrong shape", ["rm.name=test_bad_inputs:wrong_shape_reward"],
@@ -102,6 +103,25 @@ CASES = [
     ("reward returns a list", ["rm.name=test_bad_inputs:not_a_tensor_reward"],
      ["returned list, expected a float tensor of shape [2]"]),
     ("non-differentiable reward for DRaFT+", ["rm.name=jpeg_compressibility"], ["is not differentiable"]),
+    # ---- errors raised while the model is built name the key that caused them, not model.pretrained
+    ("LoRA targets match no module", ["model.peft.lora_tuning.target_modules=[no_such_proj]"],
+     ["model.peft.lora_tuning.target_modules:", "no_such_proj"]),
+    ("family forced against the pipeline", ["model.family=sdxl"],
+     ["model.family: got 'sdxl', but", "holds an 'sd' pipeline"]),
+    ("PPO epoch larger than the prompt set", ["model.data.train.dataset_path={d}/two.txt", "model.algorithm=ddpo",
+                                              "+model.ddpo.num_sample_batches=2", "model.infer.eta=1.0",
+                                              "rm.name=jpeg_compressibility", "+trainer.ddpo.max_steps=1"],
+     ["model.ddpo.num_sample_batches: one PPO epoch draws", "has only 2"]),
+    # ---- the run directory
+    ("run directory under a file", ["exp_manager.explicit_log_dir={d}/one.txt/run"],
+     ["exp_manager.explicit_log_dir: cannot create the run directory", "one.txt' is not a directory"]),
+    ("run directory is a file", ["exp_manager.explicit_log_dir={d}/one.txt"],
+     ["exp_manager.explicit_log_dir:", "exists and is not a directory"]),
+    # ---- Lightning refuses the trainer settings
+    ("GPU asked for on a CPU machine", ["trainer.accelerator=gpu"], ["trainer.accelerator:"]),
+    # ---- command line
+    ("malformed override", ["model.kl_coeff=[1"], ["model.kl_coeff=[1:"]),
+    ("interpolation that does not resolve", ["model.kl_coeff=${nope}"], ["model.kl_coeff", "nope"]),
 ]
 
 
@@ -210,3 +230,27 @@ def test_checkpoint_that_would_run_code_is_refused(one_step_run, tiny_sd_dir, tm
     rc, err = _resume(one_step_run, tiny_sd_dir, tmp_path, capsys, tamper=plant)
     assert rc == 2
     assert "cannot be loaded safely (weights_only=True)" in err and "getcwd" in err
+
+
+# --------------------------------------------------------------------------- config files
+def test_yaml_syntax_error_names_file_and_line(tiny_sd_dir, tmp_path):
+    """A config file that is not valid YAML: exit 2, ``file:line`` of the problem, no traceback."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "broken.yaml").write_text("name: broken\nmodel:\n  kl_coeff: [1\n  micro_batch_size: 2\n")
+    run = tmp_path / "run"
+    proc = run_cli([f"--config-path={conf}", "--config-name=broken", f"exp_manager.explicit_log_dir={run}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{conf / 'broken.yaml'}:4: YAML syntax error" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert len([ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]) == 1
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("flag,value,expect", [
+    ("--config-path", "/nonexistent/conf", "--config-path: '/nonexistent/conf' is not a directory"),
+    ("--config-name", "no_such_config", "--config-name: no no_such_config.yaml in"),
+])
+def test_config_flags_are_named(flag, value, expect, tiny_sd_dir, tmp_path, capsys):
+    rc, err = _main([f"{flag}={value}", f"model.pretrained={tiny_sd_dir}"], capsys)
+    assert rc == 2 and expect in err, err[-2000:]

@@ -70,8 +70,11 @@ def NOT_CALLABLE_FACTORY():
 
 
 def test_check_reward_output():
+    from nemo_aligner_draft.errors import InputError
+
     check_reward_output(torch.zeros(3), 3, "r")
-    with pytest.raises(ValueError, match=r"shape \(3, 1\)"):
+    with pytest.raises(InputError, match=r"shape \(3, 1\)") as e:
         check_reward_output(torch.zeros(3, 1), 3, "r")
-    with pytest.raises(TypeError, match="floating"):
+    assert e.value.key == "rm.name"
+    with pytest.raises(InputError, match="floating"):
         check_reward_output(torch.zeros(3, dtype=torch.long), 3, "r")
