@@ -101,6 +101,23 @@ def _index_of(captions: List[str], unique: List[str]) -> torch.Tensor:
     return torch.tensor([where[c] for c in captions])
 
 
+def _load_as_float32(model_dir: str) -> None:
+    """transformers loads a model in the ``dtype`` its config.json records, which ``save_pretrained`` sets to
+    the storage dtype (float16 here). diffusers loads the UNet and VAE in float32 whatever they are stored
+    in, so a float16 text encoder next to them breaks a plain ``DiffusionPipeline.from_pretrained(dir)``
+    (Half and Float in one matmul). Record float32: the weights stay float16 on disk and are upcast on load."""
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 def _compact_tokenizer(directory: str) -> None:
     """Replace transformers' 3.6 MB ``tokenizer.json`` by the equivalent vocab.json + merges.txt (1.5 MB):
     the same CLIP BPE, read by ``CLIPTokenizer.from_pretrained``, and it keeps the shipped set small."""
@@ -296,6 +313,8 @@ def train_sd(out_dir: str, cfg: PretrainConfig, reuse_vae: bool = False) -> Dict
                                    requires_safety_checker=False)
     path = os.path.join(out_dir, "sd")
     pipe.save_pretrained(path, safe_serialization=True)
+    if cfg.fp16_storage:
+        _load_as_float32(os.path.join(path, "text_encoder"))
     _compact_tokenizer(os.path.join(path, "tokenizer"))
     log["total_seconds"] = round(time.time() - t0, 1)
     log["process_cpu_seconds"] = round(time.process_time(), 1)
@@ -404,6 +423,8 @@ def train_tinyclip(out_dir: str, cfg: PretrainConfig) -> Dict:
     if cfg.fp16_storage:
         model = model.half()
     model.save_pretrained(path, safe_serialization=True)
+    if cfg.fp16_storage:
+        _load_as_float32(path)
     size = models.TINYCLIP_VISION["image_size"]
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
