@@ -1,5 +1,26 @@
 """nemo-aligner-draft: DRaFT+ and sibling reward fine-tuning methods for diffusion models."""
+import glob
+import os
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildWithConfigs(build_py):
+    """Ship the repository's ``conf/*.yaml`` inside the package (``nemo_aligner_draft/conf``), so an
+    installed wheel finds its configs without a checkout; a checkout keeps them at the top (``conf/``),
+    where NeMo-Aligner users expect ``--config-path=conf``."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "nemo_aligner_draft", "conf")
+        os.makedirs(target, exist_ok=True)
+        for path in sorted(glob.glob(os.path.join(HERE, "conf", "*.yaml"))):
+            shutil.copy2(path, target)
+
 
 INSTALL_REQUIRES = [
     "torch>=2.4",
@@ -33,7 +54,8 @@ setup(
     description="DRaFT+, DRaFT-K/LV, AlignProp, DDPO and SDPO for text-to-image diffusion models",
     packages=find_packages(include=["nemo_aligner_draft", "nemo_aligner_draft.*"]),
     include_package_data=True,
-    package_data={"nemo_aligner_draft": ["conf/*.yaml", "embedded/assets/**/*"]},
+    package_data={"nemo_aligner_draft": ["embedded/assets/*", "embedded/assets/**/*", "embedded/README.md"]},
+    cmdclass={"build_py": BuildWithConfigs},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
