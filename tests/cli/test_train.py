@@ -176,7 +176,11 @@ def test_bad_input_one_message_nonzero_exit_no_run_dir(case, override, expect, t
 def test_short_draftp_run_raises_heldout_reward_beyond_zero_lr_control(tiny_sd_dir, tmp_path):
     """Same seeds, same prompts and latents; lr > 0 vs lr = 0. The held-out (validation, fixed latents)
     reward of the trained model must beat the control by more than 3 standard errors of the paired
-    per-image differences — the run-to-run noise of this comparison."""
+    per-image differences — the run-to-run noise of this comparison.
+
+    Margins measured on seeds 1234 / 1 / 2 (model.seed): z = 18.9 / 12.5 / 15.1 (gain +0.033 / +0.035 /
+    +0.037 of the colorfulness reward); seeds 1234 and 1 with AVX2 kernels forced (a stand-in for another
+    CPU): the same to two decimals."""
     from nemo_aligner_draft.cli.train import main
 
     common = ["--config-name=draftp_tiny", f"model.pretrained={tiny_sd_dir}", "trainer.max_steps=10",

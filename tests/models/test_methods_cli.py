@@ -136,14 +136,16 @@ def test_zero_lr_run_renders_the_base_images(tiny_sd_dir, tmp_path):
 
 # Full fine-tuning on brightness (a reward the random tiny model can move), 3 validation batches of
 # the 12 animal prompts. Settings measured to finish in seconds on one thread.
+#
+# Only AlignProp has this outcome test on the tiny random model: it held on seeds 1234 / 1 / 2 with
+# z = 60.1 / 62.0 / 52.7 (mean paired gain / SE; AVX2 kernels forced: identical). DDPO and SDPO barely
+# move brightness on this random model (gains ~0.001), and their sign depended on the seed in every
+# setting tried (DDPO lr 3e-4: z 5.2 / −3.3 / 1.4; lr 3e-3: z −7.6 / 11.8 / 5.8; SDPO lr 1e-3:
+# z 5.7 / 8.1 / 1.1; lr 3e-3: z 6.6 / −1.6 / −8.5), so such a test would pass or fail with the machine.
+# Their outcome tests run on the embedded pretrained model instead
+# (tests/models/test_methods_embedded.py), where they hold on every seed measured.
 IMPROVE = {
     "alignprop_tiny": dict(steps=10, val_every=10, extra=["model.optim.lr=0.003"]),
-    "ddpo_tiny": dict(steps=60, val_every=20, extra=["model.optim.lr=0.0003", "model.infer.inference_steps=3",
-                                                     "model.ddpo.num_sample_batches=3", "model.ddpo.clip_range=0.1",
-                                                     "model.ddpo.timestep_fraction=1.0"]),
-    "sdpo_tiny": dict(steps=45, val_every=15, extra=["model.optim.lr=0.001", "model.infer.inference_steps=3",
-                                                     "model.sdpo.num_sample_batches=3", "model.sdpo.clip_range=0.5",
-                                                     "model.sdpo.timestep_fraction=1.0", "model.sdpo.eval_steps=[1]"]),
 }
 
 
