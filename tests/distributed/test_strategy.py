@@ -21,8 +21,11 @@ def test_fsdp_on_gpu_is_lightning_fsdp_with_nccl_and_orig_params():
 
 
 def test_fsdp_on_cpu_is_refused_naming_the_key():
-    with pytest.raises(ValueError, match=r"^trainer\.strategy: fsdp needs GPUs"):
+    from nemo_aligner_draft.errors import InputError
+
+    with pytest.raises(InputError, match=r"^trainer\.strategy: fsdp needs GPUs") as e:
         build_strategy(_t("fsdp"), "cpu")
+    assert e.value.key == "trainer.strategy"
 
 
 @pytest.mark.parametrize("accelerator,backend", [("cpu", "gloo"), ("gpu", "nccl")])
