@@ -47,7 +47,7 @@ def build_backend(real: bool, device, unet_dtype):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nemo_aligner_draft.backends.base import DiffusionBackend
+    from nemo_aligner_draft.backends.sd import SDBackend
     from nemo_aligner_draft.testing.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, clip_tokenizer
 
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def build_backend(real: bool, device, unet_dtype):
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     frozen = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backend = DiffusionBackend(unet, vae, [te], [clip_tokenizer()], sched, frozen_dtype=frozen)
+    backend = SDBackend(unet, vae, [te], [clip_tokenizer()], sched, frozen_dtype=frozen)
     unet.to(dtype=unet_dtype)
     backend.to(device)
     n_unet = sum(p.numel() for p in unet.parameters())
@@ -67,12 +67,12 @@ def build_backend(real: bool, device, unet_dtype):
 def run_config(backend, k: int, ckpt: bool, steps: int, height: int, rank: int, warmup: int, repeats: int):
     import torch
 
-    from nemo_aligner_draft.backends.base import LORA_TARGETS
+    from nemo_aligner_draft.backends import lora_targets
     from nemo_aligner_draft.core.draft import DraftConfig, draft_objective
 
     device = backend.device
     cuda = device.type == "cuda"
-    params = backend.add_lora(rank, rank, LORA_TARGETS["sdlora"])
+    params = backend.add_lora(rank, rank, lora_targets("sd", "sdlora"))
     opt = torch.optim.AdamW(params, lr=1e-4)
     rule = backend.step_rule(steps)
     cfg = DraftConfig(truncation_steps=k, kl_coeff=0.0, checkpoint=ckpt)

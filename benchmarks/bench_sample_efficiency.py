@@ -38,7 +38,7 @@ EMBEDDED_SD = os.path.join(ROOT, "nemo_aligner_draft", "embedded", "assets", "sd
 def setup(seed: int):
     import torch
 
-    from nemo_aligner_draft.backends.base import LORA_TARGETS, DiffusionBackend
+    from nemo_aligner_draft.backends import load_backend, lora_targets
     from nemo_aligner_draft.rewards import build_reward
 
     if os.path.isfile(os.path.join(EMBEDDED_SD, "model_index.json")):
@@ -51,8 +51,8 @@ def setup(seed: int):
         path, reward_name, cfg_scale = ensure_tiny_sd(), "brightness", 7.5
         prompts = ["a photo of a cat", "a red bicycle", "a house by the sea", "a bowl of fruit"]
     torch.manual_seed(seed)
-    backend = DiffusionBackend.from_pretrained(path)
-    params = backend.add_lora(4, 4, LORA_TARGETS["sdlora"])
+    backend = load_backend(path)
+    params = backend.add_lora(4, 4, lora_targets("sd", "sdlora"))
     backend.setup_reference(use_adapters=True)
     reward = build_reward(reward_name)
     return backend, params, reward, prompts, path, reward_name, cfg_scale
@@ -131,7 +131,7 @@ def run_ddpo(a):
     rule = backend.step_rule(10)
     evaluate = evaluator(backend, reward, prompts, w)
     g = torch.Generator().manual_seed(a.seed)
-    cfg = DDPOConfig(eta=1.0)
+    cfg = DDPOConfig()
     curve = [(0, evaluate())]
     samples, tb = 0, a.batch
     for epoch in range(1, a.ddpo_epochs + 1):
@@ -149,7 +149,7 @@ def run_ddpo(a):
             sub_cond = backend.encode_prompts([batch[i] for i in mb.indices.tolist()])
             den = backend.denoiser(sub_cond, w)
             for j in range(mb.steps.shape[1]):
-                loss, _ = ddpo_step_loss(den, rule, sub, adv[mb.indices], mb.steps[:, j], cfg)
+                loss, _ = ddpo_step_loss(den, rule, sub, adv[mb.indices], mb.steps[:, j], cfg, 1.0)
                 (loss / mb.steps.shape[1]).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

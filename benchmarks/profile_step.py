@@ -29,13 +29,13 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(1)
-    from nemo_aligner_draft.backends.base import LORA_TARGETS, DiffusionBackend
+    from nemo_aligner_draft.backends import load_backend, lora_targets
     from nemo_aligner_draft.core.losses import draftp_loss
     from nemo_aligner_draft.core.sampler import StepPlan, sample
 
     path = ensure_tiny_sd()
-    backend = DiffusionBackend.from_pretrained(path)
-    params = backend.add_lora(4, 4, LORA_TARGETS["sdlora"])
+    backend = load_backend(path)
+    params = backend.add_lora(4, 4, lora_targets("sd", "sdlora"))
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
     rule = backend.step_rule(a.steps)
     g = torch.Generator().manual_seed(0)

@@ -90,6 +90,19 @@ def attributed(key: str, what: Optional[str] = None, path: Optional[str] = None)
         raise InputError(key, _without_key(describe(e, what, path), key)) from e
 
 
+def report(error: InputError, prog: str = "") -> int:
+    """Print ``error`` the way every entry point does (``[prog: ]error: key: message`` on stderr, with the
+    traceback behind it when ``NAD_TRACEBACK=1``); returns :data:`EXIT_BAD_INPUT`."""
+    import os
+    import sys
+    import traceback
+
+    if os.environ.get("NAD_TRACEBACK") == "1":
+        traceback.print_exception(error)
+    print(f"{prog + ': ' if prog else ''}error: {error}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def _without_key(message: str, key: str) -> str:
     prefix = f"{key}: "
     while message.startswith(prefix):  # a message that already names the key

@@ -11,7 +11,7 @@ from _measure import emit, one_thread, rss_mb, timed_steps
 
 torch = one_thread()
 
-from nemo_aligner_draft.backends.base import LORA_TARGETS, DiffusionBackend  # noqa: E402
+from nemo_aligner_draft.backends import load_backend, lora_targets  # noqa: E402
 from nemo_aligner_draft.core.ddpo import DDPOConfig, ddpo_rollout, ddpo_step_loss, iter_train_minibatches  # noqa: E402
 from nemo_aligner_draft.core.stat_tracking import batch_advantages  # noqa: E402
 
@@ -21,11 +21,11 @@ def main():
     batch, steps, warmup, repeats = int(batch), int(steps), int(warmup), int(repeats)
     rss_import = rss_mb()
     torch.manual_seed(0)
-    backend = DiffusionBackend.from_pretrained(path)
-    params = backend.add_lora(4, 4, LORA_TARGETS["sdlora"])
+    backend = load_backend(path)
+    params = backend.add_lora(4, 4, lora_targets("sd", "sdlora"))
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
     rule = backend.step_rule(steps)
-    cfg = DDPOConfig(eta=1.0)
+    cfg = DDPOConfig()
     g = torch.Generator().manual_seed(0)
     prompts = ["a photo of a cat", "a red bicycle"] * (batch // 2 + 1)
     prompts = prompts[:batch]
@@ -40,7 +40,7 @@ def main():
         for mb in iter_train_minibatches(batch, batch, rule.num_steps, cfg.timestep_fraction, generator=g):
             sub = roll.select(mb.indices)
             for j in range(mb.steps.shape[1]):
-                loss, _ = ddpo_step_loss(den, rule, sub, adv[mb.indices], mb.steps[:, j], cfg)
+                loss, _ = ddpo_step_loss(den, rule, sub, adv[mb.indices], mb.steps[:, j], cfg, 1.0)
                 (loss / mb.steps.shape[1]).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

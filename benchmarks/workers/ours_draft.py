@@ -2,7 +2,7 @@
 
 One step = encode prompts, sample T steps (the last K with gradient), decode x̂0, reward, backward,
 clip the gradient norm to 1, AdamW step — the same core calls the Lightning shell
-(``models/draftp.py``) makes, without the Trainer around them.
+(``algorithms/reward_backprop.py``) makes, without the Trainer around them.
 
 argv: pipeline_dir batch steps K kl_coeff checkpoint(0/1) warmup repeats [height] [lora_rank]
 """
@@ -12,7 +12,7 @@ from _measure import emit, one_thread, rss_mb, timed_steps
 
 torch = one_thread()
 
-from nemo_aligner_draft.backends.base import LORA_TARGETS, DiffusionBackend  # noqa: E402
+from nemo_aligner_draft.backends import load_backend, lora_targets  # noqa: E402
 from nemo_aligner_draft.core.draft import DraftConfig, draft_objective  # noqa: E402
 
 
@@ -24,9 +24,9 @@ def main():
     kl, ckpt = float(kl), bool(int(ckpt))
     rss_import = rss_mb()
     torch.manual_seed(0)
-    backend = DiffusionBackend.from_pretrained(path)
+    backend = load_backend(path)
     # trl's DefaultDDPOStableDiffusionPipeline LoRA: r=4, alpha=4 on to_q/k/v/out.0 ("sdlora").
-    params = backend.add_lora(rank, rank, LORA_TARGETS["sdlora"])
+    params = backend.add_lora(rank, rank, lora_targets("sd", "sdlora"))
     if kl:
         backend.setup_reference(use_adapters=True)
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)

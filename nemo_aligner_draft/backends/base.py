@@ -1,12 +1,19 @@
-"""The backend interface every objective talks to, implemented here for Stable Diffusion 1.x/2.x.
+"""The interface every objective talks to: one :class:`DiffusionBackend` per model family.
 
-A backend owns the diffusers modules and answers five verbs: ``encode_prompts``, ``denoiser``
-(a CFG-combined UNet call), ``decode``, ``step_rule`` and ``reference``. SDXL
-(:mod:`.sdxl`) differs only in how prompts become UNet conditioning and in its default sampler, so it
-overrides ``_encode`` / ``_encode_uncond`` and its loader, nothing else.
+A backend owns a family's diffusers modules and answers a handful of verbs: ``encode_prompts``
+(prompts → :class:`Conditioning`), ``denoiser`` (a classifier-free-guided call of the denoising network,
+the form :mod:`..core.sampler` drives), ``reference_denoiser``, ``decode``, ``step_rule``,
+``initial_latents`` and the adapter verbs (``add_lora``, ``setup_reference``, ``trainable_parameters``).
+
+What a family implements (``sd.py``, ``sdxl.py``): loading from a pipeline directory, ``_encode`` /
+``_encode_uncond`` (prompts → the network's conditioning keyword arguments) and, where its network is
+not a UNet called as ``net(sample=, timestep=, **conditioning)``, ``_net_call``. Everything else here is
+shared: CFG, the reference view, LoRA insertion, decoding, latent shapes. Which families exist, and how a
+pipeline directory is recognised, is the registry's business (:mod:`.registry`), not this module's.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -16,25 +23,29 @@ import torch
 from ..core.reference import ReferenceModel
 from ..core.schedulers import StepRule, build_step_rule
 
-LORA_TARGETS = {
-    # NeMo-Aligner's "sdlora": the attention projections of every transformer block.
-    "sdlora": ["to_q", "to_k", "to_v", "to_out.0"],
-    # attention plus the feed-forward linears of every transformer block.
-    "lora": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-}
-
 
 @dataclass
 class Conditioning:
-    """UNet keyword arguments for the prompts (``cond``) and for the empty prompt (``uncond``),
-    each a dict such as ``{"encoder_hidden_states": [B, L, D]}`` (plus ``added_cond_kwargs`` for SDXL)."""
+    """The network's keyword arguments for the prompts (``cond``) and for the empty prompt (``uncond``),
+    each a dict of tensors (or nested dicts of tensors) with the batch on dim 0, e.g.
+    ``{"encoder_hidden_states": [B, L, D]}`` (plus ``added_cond_kwargs`` for SDXL)."""
 
     cond: Dict
     uncond: Dict
 
     @property
     def batch_size(self) -> int:
-        return int(self.cond["encoder_hidden_states"].shape[0])
+        return int(_first_tensor(self.cond).shape[0])
+
+
+def _first_tensor(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+        return None
+    return tree
 
 
 def _cat(a, b):
@@ -57,8 +68,6 @@ VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 
 def load_vae(path: str, subfolder: Optional[str] = "vae", **kwargs):
     """The VAE of a local diffusers pipeline directory, of the class its ``config.json`` names."""
-    import json
-
     import diffusers
 
     config = os.path.join(path, subfolder or "", "config.json")
@@ -72,15 +81,40 @@ def load_vae(path: str, subfolder: Optional[str] = "vae", **kwargs):
     return getattr(diffusers, name).from_pretrained(path, subfolder=subfolder, local_files_only=True, **kwargs)
 
 
-class DiffusionBackend:
-    """Stable Diffusion 1.x / 2.x (ε- or v-prediction) on diffusers modules."""
+def check_pipeline_dir(path: str) -> dict:
+    """``model_index.json`` of a local diffusers pipeline directory, or a FileNotFoundError naming the path."""
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a directory (expected a local diffusers pipeline directory "
+                                f"with model_index.json)")
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{path!r} has no model_index.json (expected a diffusers pipeline directory "
+                                f"saved with save_pretrained)")
+    with open(index) as f:
+        return json.load(f)
 
-    family = "sd"
+
+def lora_config(rank: int, alpha: float, target_modules: Sequence[str]):
+    """The peft ``LoraConfig`` of every LoRA adapter the package builds. Training, export (which rebuilds
+    a run's adapter to load its weights) and import share it, so an adapter means the same everywhere."""
+    from peft import LoraConfig
+
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be > 0, got {rank}")
+    return LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(target_modules),
+                      init_lora_weights=True)
+
+
+class DiffusionBackend:
+    """A family's modules behind the shared verbs. ``net`` is the denoising network (a UNet, or a
+    transformer for later families): the module the adapters go into and the optimizer trains."""
+
+    family = "base"
     default_sampler = "ddim"
 
-    def __init__(self, unet, vae, text_encoders: Sequence, tokenizers: Sequence, scheduler,
+    def __init__(self, net, vae, text_encoders: Sequence, tokenizers: Sequence, scheduler,
                  frozen_dtype: torch.dtype = torch.float32):
-        self.unet = unet
+        self.net = net
         self.vae = vae
         self.text_encoders = list(text_encoders)
         self.tokenizers = list(tokenizers)
@@ -88,7 +122,7 @@ class DiffusionBackend:
         self.frozen_dtype = frozen_dtype
         self._uncond_cache: Optional[Dict] = None
         self.reference_model: Optional[ReferenceModel] = None
-        for m in [unet, vae, *self.text_encoders]:
+        for m in [net, vae, *self.text_encoders]:
             m.requires_grad_(False)
             m.eval()
         # The VAE encoder is never used by reward fine-tuning: do not keep it in memory.
@@ -99,36 +133,30 @@ class DiffusionBackend:
         self.vae.to(dtype=self._vae_dtype(frozen_dtype))
 
     def _vae_dtype(self, frozen_dtype: torch.dtype) -> torch.dtype:
-        """dtype the VAE is stored and run in (SDXL keeps it in fp32 where its config asks)."""
+        """dtype the VAE is stored and run in (a family may keep it in fp32)."""
         return frozen_dtype
 
-    # ----------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, path: str, frozen_dtype: torch.dtype = torch.float32) -> "DiffusionBackend":
-        """Load the pieces of a diffusers pipeline directory (``model_index.json``) from local disk."""
-        from diffusers import UNet2DConditionModel
-        from diffusers.schedulers import DDIMScheduler
-        from transformers import CLIPTextModel, CLIPTokenizer
+    # ----------------------------------------------------------------- what a family implements
+    def _encode(self, prompts: List[str]) -> Dict:
+        """Prompts → the network's conditioning keyword arguments, batch on dim 0."""
+        raise NotImplementedError
 
-        _check_pipeline_dir(path)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-        vae = load_vae(path)
-        te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
-        tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-        sched = DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-        return cls(unet, vae, [te], [tok], sched, frozen_dtype)
+    def _encode_uncond(self) -> Dict:
+        """Conditioning of the unconditional branch for one sample (default: the empty prompt's)."""
+        return self._encode([""])
+
+    def _net_call(self, net, x: torch.Tensor, t: torch.Tensor, conditioning: Dict) -> torch.Tensor:
+        """One call of the denoising network; UNets take ``sample``/``timestep`` and the conditioning."""
+        return net(sample=x, timestep=t, **conditioning).sample
+
+    def set_resolution(self, height: int, width: int) -> None:
+        """Families whose conditioning depends on the output size (SDXL's time ids) override this."""
 
     # ----------------------------------------------------------------- prompts
     def _tokenize(self, tokenizer, prompts: List[str]) -> torch.Tensor:
         ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         return ids.to(self.device)
-
-    def _encode(self, prompts: List[str]) -> Dict:
-        """Prompts → UNet kwargs. SD: the last hidden state of the CLIP text encoder ``[B, 77, D]``."""
-        te = self.text_encoders[0]
-        hidden = te(self._tokenize(self.tokenizers[0], prompts))[0]
-        return {"encoder_hidden_states": hidden}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -138,39 +166,31 @@ class DiffusionBackend:
             self._uncond_cache = self._encode_uncond()
         return Conditioning(cond=cond, uncond=_expand(self._uncond_cache, len(prompts)))
 
-    def _encode_uncond(self) -> Dict:
-        """UNet kwargs of the unconditional branch for one sample: the empty prompt's encoding."""
-        return self._encode([""])
-
-    # ----------------------------------------------------------------- UNet
+    # ----------------------------------------------------------------- the network
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.net.parameters()).device
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        return int(self.net.config.in_channels)
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def denoiser(self, cond: Conditioning, guidance_scale: float, unet=None):
+    def denoiser(self, cond: Conditioning, guidance_scale: float, net=None):
         """A :data:`~..core.sampler.Denoiser` with classifier-free guidance:
-        out = out_u + w·(out_c − out_u), one batched UNet call for both halves."""
-        net = unet if unet is not None else self.unet
+        out = out_u + w·(out_c − out_u), one batched network call for both halves."""
+        net = net if net is not None else self.net
         w = float(guidance_scale)
-        if w == 1.0:
-            kwargs = cond.cond
-        else:
-            kwargs = _cat(cond.uncond, cond.cond)
+        conditioning = cond.cond if w == 1.0 else _cat(cond.uncond, cond.cond)
 
         def fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if w == 1.0:
-                return net(x_in, t, **kwargs).sample
+                return self._net_call(net, x_in, t, conditioning)
             t2 = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t  # per-sample steps (DDPO)
-            out = net(torch.cat([x_in, x_in]), t2, **kwargs).sample
-            out_u, out_c = out.chunk(2)
+            out_u, out_c = self._net_call(net, torch.cat([x_in, x_in]), t2, conditioning).chunk(2)
             return out_u + w * (out_c - out_u)
 
         return fn
@@ -183,21 +203,21 @@ class DiffusionBackend:
 
         def fn(x_in, t):
             with ref.view() as net:
-                return self.denoiser(cond, guidance_scale, unet=net)(x_in, t)
+                return self.denoiser(cond, guidance_scale, net=net)(x_in, t)
 
         return fn
 
     def setup_reference(self, use_adapters: bool) -> ReferenceModel:
-        self.reference_model = ReferenceModel(self.unet, use_adapters=use_adapters)
+        self.reference_model = ReferenceModel(self.net, use_adapters=use_adapters)
         return self.reference_model
 
     def set_activation_checkpointing(self, on: bool) -> None:
-        """Recompute the UNet blocks' activations in backward instead of storing them (diffusers'
+        """Recompute the network blocks' activations in backward instead of storing them (diffusers'
         gradient checkpointing); only active while autograd records, so no_grad steps cost nothing."""
         if on:
-            self.unet.enable_gradient_checkpointing()
+            self.net.enable_gradient_checkpointing()
         else:
-            self.unet.disable_gradient_checkpointing()
+            self.net.disable_gradient_checkpointing()
 
     def step_rule(self, num_steps: int, sampler: Optional[str] = None) -> StepRule:
         return build_step_rule(self.scheduler, num_steps, sampler or self.default_sampler)
@@ -215,69 +235,34 @@ class DiffusionBackend:
         z = latents / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
-        z = z.to(self.vae.dtype)  # frozen_dtype, or fp32 where a backend keeps the VAE upcast
+        z = z.to(self.vae.dtype)  # frozen_dtype, or fp32 where a family keeps the VAE upcast
         chunks = z.split(batch_size or z.shape[0])
         images = torch.cat([self.vae.decode(c).sample for c in chunks])
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    # ----------------------------------------------------------------- LoRA
+    # ----------------------------------------------------------------- adapters
     def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> List[torch.nn.Parameter]:
-        """Insert peft LoRA adapters (B initialised to zero: the policy starts equal to the reference)."""
-        from peft import LoraConfig
-
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be > 0, got {rank}")
-        config = LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(target_modules),
-                            init_lora_weights=True)
-        self.unet.add_adapter(config)
-        params = [p for n, p in self.unet.named_parameters() if "lora_" in n]
+        """Insert peft LoRA adapters into ``net`` (B initialised to zero: the policy starts equal to the
+        reference); returns the adapter parameters, kept in fp32."""
+        self.net.add_adapter(lora_config(rank, alpha, target_modules))
+        params = [p for n, p in self.net.named_parameters() if "lora_" in n]
         if not params:
-            raise ValueError(f"no UNet module matched LoRA target_modules {list(target_modules)}")
+            raise ValueError(f"no module of the denoising network matched LoRA target_modules {list(target_modules)}")
         for p in params:
             p.requires_grad_(True)
             p.data = p.data.float()
         return params
 
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return [p for p in self.net.parameters() if p.requires_grad]
 
     def set_full_finetune(self) -> List[torch.nn.Parameter]:
-        self.unet.requires_grad_(True)
-        return list(self.unet.parameters())
+        self.net.requires_grad_(True)
+        return list(self.net.parameters())
 
     def to(self, device):
-        for m in [self.unet, self.vae, *self.text_encoders]:
+        for m in [self.net, self.vae, *self.text_encoders]:
             m.to(device)
         if self.reference_model is not None and self.reference_model.frozen is not None:
             self.reference_model.frozen.to(device)
         return self
-
-
-def _check_pipeline_dir(path: str) -> None:
-    if not path or not os.path.isdir(path):
-        raise FileNotFoundError(f"{path!r} is not a directory (expected a local diffusers pipeline directory "
-                                f"with model_index.json)")
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"{path!r} has no model_index.json (expected a diffusers pipeline directory "
-                                f"saved with save_pretrained)")
-
-
-def detect_family(path: str) -> str:
-    import json
-
-    _check_pipeline_dir(path)
-    with open(os.path.join(path, "model_index.json")) as f:
-        index = json.load(f)
-    return "sdxl" if "text_encoder_2" in index else "sd"
-
-
-def load_backend(path: str, family: str = "auto", frozen_dtype: torch.dtype = torch.float32) -> DiffusionBackend:
-    """``family``: ``sd``, ``sdxl`` or ``auto`` (read from model_index.json)."""
-    fam = detect_family(path) if family == "auto" else family
-    if fam == "sd":
-        return DiffusionBackend.from_pretrained(path, frozen_dtype)
-    if fam == "sdxl":
-        from .sdxl import SDXLBackend
-
-        return SDXLBackend.from_pretrained(path, frozen_dtype)
-    raise ValueError(f"unknown model family {family!r} (expected 'auto', 'sd' or 'sdxl')")

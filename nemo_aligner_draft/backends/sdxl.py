@@ -1,6 +1,6 @@
 """Stable Diffusion XL behind the :class:`~.base.DiffusionBackend` interface.
 
-Only the prompt → UNet conditioning differs from SD; sampling, CFG, LoRA, the reference, decoding and
+Only the prompt → UNet conditioning differs from SD (:mod:`.sd`); sampling, CFG, LoRA, the reference, decoding and
 every objective are the shared ones. SDXL conditions its UNet on
 
 * ``encoder_hidden_states`` ``[B, 77, D1 + D2]``: the *penultimate* hidden states of both text
@@ -36,13 +36,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import DiffusionBackend, _check_pipeline_dir, load_vae
+from .base import check_pipeline_dir, load_vae
+from .sd import SDBackend
 
 NUM_TIME_IDS = 6
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-class SDXLBackend(DiffusionBackend):
+class SDXLBackend(SDBackend):
     """SDXL (two CLIP text encoders, pooled text + size/crop time-id conditioning), Euler sampler.
 
     ``resolution``: (height, width) in pixels for the time ids; defaults to the UNet's native
@@ -50,7 +51,6 @@ class SDXLBackend(DiffusionBackend):
     """
 
     family = "sdxl"
-    default_sampler = "euler"
 
     def __init__(self, unet, vae, text_encoders: Sequence, tokenizers: Sequence, scheduler,
                  frozen_dtype: torch.dtype = torch.float32, force_zeros_for_empty_prompt: bool = True,
@@ -71,12 +71,12 @@ class SDXLBackend(DiffusionBackend):
         return torch.float32 if getattr(self.vae.config, "force_upcast", False) else frozen_dtype
 
     def _check_added_conditioning(self) -> None:
-        cfg = self.unet.config
+        cfg = self.net.config
         if cfg.addition_embed_type != "text_time":
             raise ValueError(f"SDXL UNet must have addition_embed_type='text_time', got "
                              f"{cfg.addition_embed_type!r} (is this an SD 1.x/2.x UNet? use family 'sd')")
         proj = int(self.text_encoders[1].config.projection_dim)
-        expected = int(self.unet.add_embedding.linear_1.in_features)
+        expected = int(self.net.add_embedding.linear_1.in_features)
         got = int(cfg.addition_time_embed_dim) * NUM_TIME_IDS + proj
         if got != expected:
             raise ValueError(f"SDXL UNet add_embedding expects {expected} inputs but addition_time_embed_dim "
@@ -124,7 +124,7 @@ class SDXLBackend(DiffusionBackend):
         from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        _check_pipeline_dir(path)
+        check_pipeline_dir(path)
         missing = [c for c in SDXL_COMPONENTS if not os.path.isdir(os.path.join(path, c))]
         if missing:
             raise FileNotFoundError(f"SDXL pipeline directory {path!r} lacks the "

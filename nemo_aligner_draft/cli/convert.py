@@ -15,7 +15,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from ..errors import EXIT_BAD_INPUT, InputError, attributed
+from ..errors import InputError, attributed, report
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -55,18 +55,26 @@ def run(args) -> str:
 
 
 def _convert(args) -> str:
-    from ..export import convert as c
-
     if args.command == "to-diffusers":
-        return c.export_diffusers(args.source, args.out, args.base, args.lora_scale)
+        from ..export.to_diffusers import export_diffusers
+
+        return export_diffusers(args.source, args.out, args.base, args.lora_scale)
     if args.command == "to-lora":
-        return c.export_lora_file(args.source, args.out, args.base)
+        from ..export.to_diffusers import export_lora_file
+
+        return export_lora_file(args.source, args.out, args.base)
     if args.command == "to-nemo":
-        return c.export_nemo(args.source, args.out, args.base, args.layout)
+        from ..export.to_nemo import export_nemo
+
+        return export_nemo(args.source, args.out, args.base, args.layout)
     if args.command == "from-nemo":
-        return c.import_nemo(args.source, args.base, args.out, args.layout)
+        from ..export.from_nemo import import_nemo
+
+        return import_nemo(args.source, args.base, args.out, args.layout)
     if args.command == "from-nemo-lora":
-        return c.import_nemo_lora(args.source, args.base, args.out, args.alpha)
+        from ..export.from_nemo import import_nemo_lora
+
+        return import_nemo_lora(args.source, args.base, args.out, args.alpha)
     raise ValueError(args.command)
 
 
@@ -76,8 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         out = run(args)
     except InputError as e:
-        print(f"nad-convert {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e, f"nad-convert {args.command}")
     print(f"wrote {out}")
     return 0
 

@@ -17,7 +17,6 @@ The fine-tuned model is the base UNet plus one peft adapter:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -26,7 +25,8 @@ from typing import List, Optional
 
 import torch
 
-from ..errors import EXIT_BAD_INPUT, InputError, attributed
+from ..errors import InputError, attributed, report
+from ..files import atomic_write_json
 
 log = logging.getLogger("nad-generate")
 
@@ -143,9 +143,9 @@ def generate(args) -> dict:
         backend.to(args.device)
     lora_flag = "--lora" if args.lora else "--soup-lora"
     with attributed(lora_flag, "a LoRA", args.lora or args.soup_lora):
-        finetuned = attach_finetuned(backend.unet, args)
+        finetuned = attach_finetuned(backend.net, args)
     if finetuned is not None:
-        backend.unet.to(args.device)
+        backend.net.to(args.device)
     if args.aig:
         backend.setup_reference(use_adapters=True)
     reward = None
@@ -200,10 +200,7 @@ def write_outputs(out_dir: str, images: torch.Tensor, record: dict) -> None:
     for i, img in enumerate(images):
         to_pil(img).save(os.path.join(out_dir, "images", f"{i:05d}.png"))
     make_grid(images).save(os.path.join(out_dir, "grid.png"))
-    tmp = os.path.join(out_dir, "generation.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(out_dir, "generation.json"))
+    atomic_write_json(os.path.join(out_dir, "generation.json"), record, indent=2, default=str)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -212,8 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         generate(args)
     except InputError as e:
-        print(f"nad-generate: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e, "nad-generate")
     log.info("wrote %s", args.out)
     return 0
 

@@ -15,10 +15,11 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 from typing import List, Optional
 
-from ..errors import EXIT_BAD_INPUT, InputError, attributed, describe
+from ..config.schema import world_size
+from ..errors import InputError, attributed, describe, report
+from ..files import atomic_write_text
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A checkout keeps the configs at the top (conf/); an installed wheel carries them in the package.
@@ -117,7 +118,7 @@ def preflight(cfg) -> dict:
 
     Each step runs under :func:`attributed` with the key whose value it acts on, so whatever goes wrong
     in it (ours or a library's) is reported as an :class:`InputError` of that key."""
-    from ..backends.base import detect_family
+    from ..backends import detect_family
     from ..data.prompts import load_prompts
     from ..rewards.base import Reward
 
@@ -140,11 +141,11 @@ def preflight(cfg) -> dict:
     key = "model.data.train.dataset_path"
     with attributed(key, "prompts", m.data.train.dataset_path):
         train = load_prompts(m.data.train.dataset_path, key, m.data.max_prompt_chars)
-    world = _world(cfg.trainer)
+    world = world_size(cfg.trainer)
     if len(train) < m.micro_batch_size * world:
         raise InputError(key, f"{len(train)} prompt(s), fewer than one round of model.micro_batch_size × "
                               f"data-parallel size = {m.micro_batch_size} × {world}")
-    pg = getattr(m, m.algorithm, None) if m.algorithm in ("ddpo", "sdpo") else None
+    pg = m.section() if cfg.algorithm.epoch_sampling else None
     if pg is not None and len(train) < m.micro_batch_size * pg.num_sample_batches * world:
         raise InputError(f"model.{m.algorithm}.num_sample_batches",
                          f"one PPO epoch draws model.micro_batch_size × num_sample_batches × data-parallel size = "
@@ -155,7 +156,7 @@ def preflight(cfg) -> dict:
         with attributed(key, "prompts", m.data.validation.dataset_path):
             val = load_prompts(m.data.validation.dataset_path, key, m.data.max_prompt_chars)
     reward = build_reward_from_config(cfg.rm)
-    if not reward.differentiable and m.algorithm in ("draftp", "alignprop"):
+    if not reward.differentiable and cfg.algorithm.differentiable_reward:
         raise InputError("rm.name", f"reward {reward.name!r} is not differentiable; model.algorithm={m.algorithm} "
                                     f"backpropagates through the reward (use ddpo or sdpo, or a differentiable reward)")
     assert isinstance(reward, Reward)
@@ -233,18 +234,6 @@ def build_reward_from_config(rm):
         return build_reward(rm.name, path=path, fp32=rm.fp32, **kwargs)
 
 
-def model_class(algorithm: str):
-    if algorithm in ("draftp", "alignprop"):
-        from ..models.draftp import DraftPlusModel
-
-        return DraftPlusModel
-    if algorithm in ("ddpo", "sdpo"):
-        from ..models.policy_gradient import PolicyGradientModel
-
-        return PolicyGradientModel
-    raise InputError("model.algorithm", f"unknown {algorithm!r}")
-
-
 # Set to a directory to have every rank write its trainable parameters, prompts and first latents
 # there at the end of training (the multi-process tests compare ranks and layouts with it).
 RANK_DUMP_ENV = "NAD_RANK_DUMP_DIR"
@@ -296,14 +285,9 @@ def build_strategy(t, accelerator: str):
         # use_orig_params: frozen (VAE, text encoders, reference) and trainable weights share flat
         # parameters; activation checkpointing is the model's own (model.activation_checkpointing)
         return FSDPStrategy(process_group_backend=backend, use_orig_params=True)
-    if t.strategy == "ddp" or (t.strategy == "auto" and _world(t) > 1):
+    if t.strategy == "ddp" or (t.strategy == "auto" and world_size(t) > 1):
         return DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
     return t.strategy
-
-
-def _world(t) -> int:
-    d = t.devices
-    return (d if isinstance(d, int) and d > 0 else 1) * t.num_nodes
 
 
 def exp_manager_config(cfg, monitor: str) -> dict:
@@ -345,24 +329,22 @@ def run(cfg, dict_cfg) -> str:
     import torch
     from omegaconf import OmegaConf
 
-    from ..models.base import effective_max_steps
+    from ..models.base import AlignmentModel, effective_max_steps
     from ..models.callbacks import TrainingReport
 
     inputs = preflight(cfg)
     torch.manual_seed(cfg.model.seed)
-    world = _world(cfg.trainer)
-    accumulation = max(cfg.model.global_batch_size // (cfg.model.micro_batch_size * world), 1)
+    accumulation = max(cfg.model.global_batch_size // (cfg.model.micro_batch_size * world_size(cfg.trainer)), 1)
     max_steps = effective_max_steps(cfg.loop, cfg.trainer.max_steps, len(inputs["train"]), cfg.model.global_batch_size)
-    cls = model_class(cfg.model.algorithm)
     # The model attributes each step of its construction to the key it acts on (models/base.py);
     # "model" is the fallback for what no step claims.
     with attributed("model"):
-        model = cls(cfg=OmegaConf.create(OmegaConf.to_container(dict_cfg.model, resolve=True)), trainer=None,
-                    loop=cfg.loop, reward=inputs["reward"], train_prompts=inputs["train"], val_prompts=inputs["val"],
-                    precision=cfg.trainer.precision)
+        model = AlignmentModel(cfg=OmegaConf.create(OmegaConf.to_container(dict_cfg.model, resolve=True)),
+                               config=cfg.model, loop=cfg.loop, reward=inputs["reward"], train_prompts=inputs["train"],
+                               val_prompts=inputs["val"], precision=cfg.trainer.precision)
     with attributed("model.diversity.lpips_backbone_path", "the LPIPS backbone",
                     cfg.model.diversity.lpips_backbone_path):
-        attach_diversity(model)
+        report = TrainingReport(None, **diversity_metrics(cfg.model.diversity, inputs["reward"]))
     trainer = build_trainer(cfg, max_steps, accumulation)
     from nemo.utils.exp_manager import exp_manager
 
@@ -374,16 +356,21 @@ def run(cfg, dict_cfg) -> str:
             for moved in tidy_checkpoint_dir(os.path.join(planned_log_dir(cfg), "checkpoints")):
                 log.warning(f"resume: set aside {moved} (left over from an interrupted run)")
         log_dir = str(exp_manager(trainer, exp_manager_config(cfg, "train_loss")))
-        with open(os.path.join(log_dir, "config.yaml.tmp"), "w") as f:
-            f.write(OmegaConf.to_yaml(dict_cfg))
-        os.replace(os.path.join(log_dir, "config.yaml.tmp"), os.path.join(log_dir, "config.yaml"))
-    trainer.callbacks.append(TrainingReport(log_dir))
+        atomic_write_text(os.path.join(log_dir, "config.yaml"), OmegaConf.to_yaml(dict_cfg))
+    report.log_dir = log_dir
+    trainer.callbacks.append(report)
     model.set_trainer(trainer)
     trainer.fit(model, ckpt_path=getattr(trainer, "ckpt_path", None))
     if trainer.is_global_zero and cfg.model.peft.peft_scheme != "none":
-        from ..export.lora import export_lora
+        from ..backends import get_family
 
-        export_lora(model.unet, os.path.join(log_dir, "export"), family=model.backend.family)
+        if get_family(model.backend.family).pipeline_class:
+            from ..export.lora import export_lora
+
+            export_lora(model.backend.net, os.path.join(log_dir, "export"), family=model.backend.family)
+        else:
+            log.info(f"model family {model.backend.family!r} has no diffusers pipeline: no LoRA export "
+                     f"(the .nemo and the checkpoints hold the adapters)")
     return log_dir
 
 
@@ -395,28 +382,28 @@ def planned_log_dir(cfg) -> str:
     return os.path.join(e.exp_dir or os.path.join(os.getcwd(), "nemo_experiments"), e.name or cfg.name)
 
 
-def attach_diversity(model) -> None:
+def diversity_metrics(dv, reward) -> dict:
     """Validation diversity, base vs fine-tuned: per-prompt LPIPS when ``model.diversity.lpips_backbone_path``
     is set; and, when the reward exposes ``image_embeddings`` (CLIP-type rewards), the mean pairwise
-    cosine distance of the validation images' embeddings."""
-    dv = model.mcfg.diversity
-    path, net = dv.lpips_backbone_path, dv.lpips_net
-    if path is not None:
+    cosine distance of the validation images' embeddings. Keyword arguments of :class:`TrainingReport`."""
+    out = {}
+    if dv.lpips_backbone_path is not None:
         from ..metrics.diversity import LpipsDiversity
 
-        model.lpips_fn = LpipsDiversity(net=net, backbone_path=path)
-    embed = getattr(model.reward, "image_embeddings", None)
-    if not callable(embed):
-        return
-    import torch
+        out["lpips"] = LpipsDiversity(net=dv.lpips_net, backbone_path=dv.lpips_backbone_path)
+    embed = getattr(reward, "image_embeddings", None)
+    if callable(embed):
+        import torch
 
-    from ..embedded.diversity import mean_pairwise_cosine_distance
+        from ..embedded.diversity import mean_pairwise_cosine_distance
 
-    def diversity(images):
-        with torch.no_grad():
-            return float(mean_pairwise_cosine_distance(embed(images.to(model.device)).float()))
+        def diversity(images):
+            device = next(iter(reward.parameters()), torch.zeros(())).device
+            with torch.no_grad():
+                return float(mean_pairwise_cosine_distance(embed(images.to(device)).float()))
 
-    model.diversity_fn = diversity
+        out["diversity"] = diversity
+    return out
 
 
 def main(argv: Optional[List[str]] = None, default_config: str = "draftp_sd") -> int:
@@ -436,10 +423,7 @@ def main(argv: Optional[List[str]] = None, default_config: str = "draftp_sd") ->
             return 0
         log_dir = run(cfg, dict_cfg)
     except InputError as e:
-        if os.environ.get("NAD_TRACEBACK") == "1":
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e)
     except FloatingPointError as e:  # the NaN guard gave up (models/base.py)
         print(f"error: training stopped: {e}", file=sys.stderr)
         return EXIT_DIVERGED

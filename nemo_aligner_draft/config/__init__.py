@@ -1,2 +1,3 @@
-"""Typed configuration: schema, validation (every problem reported at once) and read tracking."""
-from .schema import Config, ConfigError, load_config, validate  # noqa: F401
+"""Typed configuration: the section classes (:mod:`.schema`) and their validation."""
+from ..errors import ConfigError  # noqa: F401
+from .schema import Config, ModelConfig, load_config, validate, validate_model, world_size  # noqa: F401

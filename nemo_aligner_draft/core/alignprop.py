@@ -27,47 +27,37 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .losses import eps_penalty, reward_to_loss
+from ..typed import Section, setting
+from .losses import eps_penalty, objective_metrics, reward_to_loss
 from .sampler import Denoiser, StepPlan, sample
 from .schedulers import StepRule
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
-TRUNCATION_MODES = ("per_step", "gaussian", "uniform", "fixed")
-
 
 @dataclass
-class AlignPropConfig:
-    """Keys of ``model.alignprop``; cut values in units of ``reference_steps`` steps."""
+class AlignPropConfig(Section):
+    """AlignProp's truncation and reward-to-loss options (its config section). Cut values are
+    in units of a ``reference_steps``-step schedule and scaled to the sampler's steps."""
 
-    truncation: str = "gaussian"
-    gaussian_mean: float = 42.0
-    gaussian_std: float = 5.0
-    uniform_min: int = 0
-    uniform_max: int = 50
-    fixed_cut: int = 49
-    reference_steps: int = 50
-    loss_mode: str = "negate"
-    loss_target: float = 0.0
-    loss_coeff: float = 1.0
-    kl_coeff: float = 0.0
-    eta: float = 0.0
-    decode_target: str = "x0"  # AlignProp decodes the final sample; "pred_x0" decodes the last x̂0
+    truncation: str = setting("per_rollout", choices=("per_step", "per_rollout"),
+                              doc="per_step: the original release's redraw per step; per_rollout: one cut per rollout")
+    cut_distribution: str = setting("gaussian", choices=("gaussian", "uniform", "fixed"),
+                                    doc="per_rollout cuts: round N(cut_mean, cut_std²), U{cut_min..cut_max}, or fixed_cut")
+    cut_mean: float = setting(42.0)
+    cut_std: float = setting(5.0, ge=0)
+    cut_min: int = setting(0, doc="uniform cuts (and per_step redraws) lie in [cut_min, cut_max]")
+    cut_max: int = setting(50)
+    fixed_cut: int = setting(49, doc="cut_distribution=fixed: gradient on steps >= fixed_cut (49 of 50 = K=1)")
+    reference_steps: int = setting(50, ge=1, doc="the schedule length the cut values refer to")
+    loss_mode: str = setting("negate", choices=("negate", "target"))
+    loss_target: float = setting(0.0)
+    loss_coeff: float = setting(1.0)
 
-    def __post_init__(self):
-        if self.truncation not in TRUNCATION_MODES:
-            raise ValueError(f"alignprop.truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}")
-        if self.reference_steps < 1:
-            raise ValueError(f"alignprop.reference_steps must be >= 1, got {self.reference_steps}")
-        if self.uniform_min > self.uniform_max:
-            raise ValueError(f"alignprop.uniform_min ({self.uniform_min}) > uniform_max ({self.uniform_max})")
-        if self.gaussian_std < 0:
-            raise ValueError(f"alignprop.gaussian_std must be >= 0, got {self.gaussian_std}")
-        if self.decode_target not in ("x0", "pred_x0"):
-            raise ValueError(f"decode_target must be 'x0' or 'pred_x0', got {self.decode_target!r}")
-        if self.loss_mode not in ("negate", "target"):
-            raise ValueError(f"alignprop.loss_mode must be 'negate' or 'target', got {self.loss_mode!r}")
+    def rules(self):
+        if self.cut_min > self.cut_max:
+            yield "cut_min", f"got {self.cut_min}, expected <= cut_max={self.cut_max}"
 
 
 def _scale(value: float, num_steps: int, reference_steps: int) -> int:
@@ -81,26 +71,25 @@ def _randint(lo: int, hi: int, generator: Optional[torch.Generator]) -> int:
 
 def draw_cut(cfg: AlignPropConfig, num_steps: int, generator: Optional[torch.Generator] = None) -> int:
     """One cut per rollout (``gaussian``/``uniform``/``fixed``), in [0, T−1]; gradient on steps ≥ cut."""
-    mode = cfg.truncation
+    if cfg.truncation != "per_rollout":
+        raise ValueError(f"draw_cut needs one-cut (per_rollout) truncation, got {cfg.truncation!r}")
+    mode = cfg.cut_distribution
     if mode == "gaussian":
-        raw = cfg.gaussian_mean + cfg.gaussian_std * float(torch.randn((), generator=generator))
+        raw = cfg.cut_mean + cfg.cut_std * float(torch.randn((), generator=generator))
         cut = _scale(raw, num_steps, cfg.reference_steps)
     elif mode == "uniform":
-        lo = _scale(cfg.uniform_min, num_steps, cfg.reference_steps)
-        hi = _scale(cfg.uniform_max, num_steps, cfg.reference_steps)
-        cut = _randint(lo, hi, generator)
-    elif mode == "fixed":
-        cut = _scale(cfg.fixed_cut, num_steps, cfg.reference_steps)
+        cut = _randint(_scale(cfg.cut_min, num_steps, cfg.reference_steps),
+                       _scale(cfg.cut_max, num_steps, cfg.reference_steps), generator)
     else:
-        raise ValueError(f"draw_cut needs a one-cut truncation mode, got {mode!r}")
+        cut = _scale(cfg.fixed_cut, num_steps, cfg.reference_steps)
     return min(max(cut, 0), num_steps - 1)
 
 
 def draw_detach_mask(cfg: AlignPropConfig, num_steps: int,
                      generator: Optional[torch.Generator] = None) -> List[bool]:
     """Original AlignProp: per step i a new cut c_i ~ U{lo…hi} (scaled); detach step i's output if i < c_i."""
-    lo = _scale(cfg.uniform_min, num_steps, cfg.reference_steps)
-    hi = _scale(cfg.uniform_max, num_steps, cfg.reference_steps)
+    lo = _scale(cfg.cut_min, num_steps, cfg.reference_steps)
+    hi = _scale(cfg.cut_max, num_steps, cfg.reference_steps)
     return [i < _randint(lo, hi, generator) for i in range(num_steps)]
 
 
@@ -119,34 +108,32 @@ def alignprop_objective(
     decode: Decoder,
     score: Scorer,
     cfg: AlignPropConfig,
+    kl_coeff: float = 0.0,
+    eta: float = 0.0,
+    decode_target: str = "x0",
     generator: Optional[torch.Generator] = None,
     cut_generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
     """One AlignProp rollout with per-step gradient checkpointing. Returns (loss, metrics, images).
 
     ``generator`` draws the sampler's eta-noise; ``cut_generator`` (a CPU generator) the truncation
-    cuts (the global RNG when None). ``reference`` is used only when ``cfg.kl_coeff > 0``.
+    cuts (the global RNG when None). ``reference`` is used only when ``kl_coeff > 0`` (the DRaFT+ ε
+    penalty, not part of AlignProp). ``decode_target``: ``x0`` decodes the final sample (AlignProp),
+    ``pred_x0`` the last step's x̂0.
 
     With ``per_step`` truncation every UNet output may be detached (probability ∏_i P(c_i > i),
     e.g. 3.8 % for T = 4 over 0…T); the loss then carries no gradient (``loss.requires_grad`` is
     False, ``metrics["grad_steps"] == 0``) and the caller should skip the backward pass.
     """
     plan = alignprop_plan(cfg, rule.num_steps, cut_generator)
-    ref = reference if cfg.kl_coeff else None
-    out = sample(policy, rule, latents, plan, reference=ref, eta=cfg.eta, generator=generator,
-                 checkpoint=True)
-    images = decode(out.latents if cfg.decode_target == "x0" else out.pred_x0)
+    ref = reference if kl_coeff else None
+    out = sample(policy, rule, latents, plan, reference=ref, eta=eta, generator=generator, checkpoint=True)
+    images = decode(out.latents if decode_target == "x0" else out.pred_x0)
     rewards = score(images)
     loss = reward_to_loss(rewards, cfg.loss_mode, cfg.loss_target, cfg.loss_coeff)
     penalty = torch.zeros((), device=rewards.device)
     if ref is not None:
         penalty = eps_penalty(out.eps, out.eps_ref).to(rewards.device)
-        loss = loss + cfg.kl_coeff * penalty
-    metrics = {
-        "loss": loss.detach(),
-        "reward_mean": rewards.detach().mean(),
-        "reward_std": rewards.detach().std(unbiased=False),
-        "kl_penalty": penalty.detach(),
-        "grad_steps": torch.tensor(float(len(plan.grad_steps))),
-    }
+        loss = loss + kl_coeff * penalty
+    metrics = {**objective_metrics(loss, rewards, penalty), "grad_steps": torch.tensor(float(len(plan.grad_steps)))}
     return loss, metrics, images

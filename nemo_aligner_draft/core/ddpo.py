@@ -30,27 +30,30 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
+from ..typed import Section, setting
 from .sampler import Denoiser, StepPlan, sample
 from .schedulers import StepRule
 
 
 @dataclass
-class DDPOConfig:
-    """Keys of ``model.ddpo`` (defaults from the DDPO paper's released configs)."""
+class DDPOConfig(Section):
+    """DDPO's epoch structure and PPO settings (its config section; defaults from the DDPO
+    paper's released configs). The sampler's eta is not here: it is the sampler's, passed separately."""
 
-    eta: float = 1.0
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    timestep_fraction: float = 1.0
+    num_sample_batches: int = setting(2, ge=1, doc="sample micro-batches per PPO epoch")
+    num_inner_epochs: int = setting(1, ge=1)
+    train_micro_batch_size: int = setting(1, ge=1)
+    timestep_fraction: float = setting(1.0, gt=0, le=1, expected="a number in (0, 1]")
+    clip_range: float = setting(1e-4, ge=0)
+    adv_clip_max: float = setting(5.0, gt=0)
+    per_prompt_stat_tracking: bool = setting(True)
+    stat_buffer_size: int = setting(32, ge=1)
+    stat_min_count: int = setting(16, ge=1)
 
-    def __post_init__(self):
-        if self.eta <= 0:
-            raise ValueError(f"DDPO needs a stochastic sampler: eta must be > 0, got {self.eta}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        if self.clip_range < 0 or self.adv_clip_max <= 0:
-            raise ValueError("clip_range must be >= 0 and adv_clip_max > 0, got "
-                             f"{self.clip_range} and {self.adv_clip_max}")
+    def rules(self):
+        if self.stat_min_count > self.stat_buffer_size:
+            yield "stat_min_count", (f"got {self.stat_min_count}, expected <= stat_buffer_size="
+                                     f"{self.stat_buffer_size} (the per-prompt statistics would never be used)")
 
 
 @dataclass
@@ -163,8 +166,6 @@ def select_timesteps(num_steps: int, timestep_fraction: float, batch_size: int,
 
     Returns ``[batch_size, K]`` long (CPU). DDPO trains each sample on its own random subset.
     """
-    if not 0 < timestep_fraction <= 1:
-        raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
     k = max(1, int(num_steps * timestep_fraction))
     keys = torch.rand(batch_size, num_steps, generator=generator)
     return keys.argsort(dim=1)[:, :k]
@@ -206,15 +207,15 @@ def gather_steps(per_step: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 
 
 def ddpo_step_loss(denoiser: Denoiser, rule: StepRule, rollout: Rollout, advantages: torch.Tensor,
-                   steps: torch.Tensor, cfg: DDPOConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                   steps: torch.Tensor, cfg: DDPOConfig, eta: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """PPO-clip loss of one train batch at one position of its step order.
 
     ``rollout``: the train batch's stored samples (``Rollout.select``); ``advantages`` ``[b]``;
     ``steps`` ``[b]`` step indices (column j of :attr:`TrainMinibatch.steps`); ``denoiser`` built for
-    the train batch's prompts with the sampling guidance scale.
+    the train batch's prompts with the sampling guidance scale; ``eta`` the rollout sampler's (> 0).
     """
     x_t = gather_steps(rollout.latents, steps)
     x_next = gather_steps(rollout.next_latents, steps)
     old = gather_steps(rollout.log_probs, steps)
-    new = ddpo_log_prob(denoiser, rule, x_t, x_next, steps, cfg.eta)
+    new = ddpo_log_prob(denoiser, rule, x_t, x_next, steps, eta)
     return ppo_clip_loss(new, old, advantages, cfg.clip_range, cfg.adv_clip_max)

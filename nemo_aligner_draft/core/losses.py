@@ -27,13 +27,14 @@ def draftp_loss(rewards: torch.Tensor, eps: List[torch.Tensor], eps_ref: List[to
     reward_term = -rewards.mean()
     penalty = eps_penalty(eps, eps_ref).to(rewards.device) if kl_coeff else torch.zeros((), device=rewards.device)
     loss = reward_term + kl_coeff * penalty
-    metrics = {
-        "loss": loss.detach(),
-        "reward_mean": rewards.detach().mean(),
-        "reward_std": rewards.detach().std(unbiased=False),
-        "kl_penalty": penalty.detach(),
-    }
-    return loss, metrics
+    return loss, objective_metrics(loss, rewards, penalty)
+
+
+def objective_metrics(loss: torch.Tensor, rewards: torch.Tensor, penalty: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """What every reward-gradient objective logs: the loss, the batch's reward mean and (population) std,
+    and the ε penalty."""
+    return {"loss": loss.detach(), "reward_mean": rewards.detach().mean(),
+            "reward_std": rewards.detach().std(unbiased=False), "kl_penalty": penalty.detach()}
 
 
 def reward_to_loss(rewards: torch.Tensor, mode: str = "negate", target: float = 0.0,

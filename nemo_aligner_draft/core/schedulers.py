@@ -234,4 +234,4 @@ def build_step_rule(scheduler, num_steps: int, sampler: str) -> StepRule:
         return DDIMRule.from_diffusers(scheduler, num_steps)
     if sampler == "euler":
         return EulerRule.from_diffusers(scheduler, num_steps)
-    raise ValueError(f"model.infer.sampler must be 'ddim' or 'euler', got {sampler!r}")
+    raise ValueError(f"sampler must be 'ddim' or 'euler', got {sampler!r}")

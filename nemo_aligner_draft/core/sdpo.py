@@ -36,10 +36,11 @@ Log-probabilities are averaged over latent dimensions, as in :mod:`.ddpo`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..typed import Section, setting
 from .ddpo import Rollout, ddpo_log_prob, ddpo_rollout, gather_steps
 from .sampler import Denoiser
 from .schedulers import StepRule
@@ -50,26 +51,31 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class SDPOConfig:
-    """Keys of ``model.sdpo`` (defaults from the paper's released base configuration)."""
+class SDPOConfig(Section):
+    """SDPO's epoch structure and objective settings (its config section; defaults from the
+    paper's released base configuration). The sampler's eta is passed separately."""
 
-    eta: float = 1.0
-    gamma: float = 0.99
-    lam: float = 0.99
-    log_scale: float = 1.0
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    timestep_fraction: float = 1.0
+    num_sample_batches: int = setting(2, ge=1, doc="sample micro-batches (of pairs) per epoch")
+    num_inner_epochs: int = setting(1, ge=1)
+    train_micro_batch_size: int = setting(1, ge=1, doc="pairs per train micro-batch")
+    timestep_fraction: float = setting(1.0, gt=0, le=1, expected="a number in (0, 1]")
+    gamma: float = setting(0.99, ge=0, le=1, expected="a number in [0, 1]", doc="discount of the dense rewards")
+    lam: float = setting(0.99, gt=0, doc="temporal importance weight lam^i")
+    log_scale: float = setting(1.0, gt=0)
+    clip_range: float = setting(1e-4, ge=0)
+    adv_clip_max: float = setting(5.0, gt=0)
+    stat_buffer_size: int = setting(32, ge=1)
+    stat_min_count: int = setting(16, ge=1)
+    per_prompt_stat_tracking: bool = setting(True)
+    eval_steps: List[int] = setting(default_factory=lambda: [1, 2, 4, 8],
+                                    doc="validation also logs the reward at these sampling step counts")
 
-    def __post_init__(self):
-        if self.eta <= 0:
-            raise ValueError(f"SDPO needs a stochastic sampler: eta must be > 0, got {self.eta}")
-        if not 0 <= self.gamma <= 1:
-            raise ValueError(f"sdpo.gamma must be in [0, 1], got {self.gamma}")
-        if self.lam <= 0 or self.log_scale <= 0:
-            raise ValueError(f"sdpo.lam and sdpo.log_scale must be > 0, got {self.lam}, {self.log_scale}")
-        if self.clip_range < 0 or self.adv_clip_max <= 0:
-            raise ValueError("clip_range must be >= 0 and adv_clip_max > 0")
+    def rules(self):
+        if self.stat_min_count > self.stat_buffer_size:
+            yield "stat_min_count", (f"got {self.stat_min_count}, expected <= stat_buffer_size="
+                                     f"{self.stat_buffer_size} (the per-prompt statistics would never be used)")
+        if not self.eval_steps or any(n < 1 for n in self.eval_steps):
+            yield "eval_steps", f"got {self.eval_steps}, expected a non-empty list of integers >= 1"
 
 
 def sdpo_paired_rollout(denoiser: Denoiser, rule: StepRule, latents: torch.Tensor, eta: float,
@@ -149,7 +155,7 @@ def sdpo_loss(logp1_new: torch.Tensor, logp1_old: torch.Tensor, logp2_new: torch
 
 def sdpo_step_loss(denoiser: Denoiser, rule: StepRule, first: Rollout, second: Rollout,
                    adv1: torch.Tensor, adv2: torch.Tensor, steps: torch.Tensor,
-                   cfg: SDPOConfig) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                   cfg: SDPOConfig, eta: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Loss of one train batch of pairs at one position of their step order.
 
     ``first``/``second``: the pairs' stored rollouts (``Rollout.select``); ``adv1``/``adv2``
@@ -159,7 +165,7 @@ def sdpo_step_loss(denoiser: Denoiser, rule: StepRule, first: Rollout, second: R
     lp_new, lp_old = [], []
     for ro in (first, second):
         x_t, x_next = gather_steps(ro.latents, steps), gather_steps(ro.next_latents, steps)
-        lp_new.append(ddpo_log_prob(denoiser, rule, x_t, x_next, steps, cfg.eta))
+        lp_new.append(ddpo_log_prob(denoiser, rule, x_t, x_next, steps, eta))
         lp_old.append(gather_steps(ro.log_probs, steps))
     w = temporal_weights(rule.num_steps, cfg.lam, cfg.log_scale)[steps.cpu()]
     return sdpo_loss(lp_new[0], lp_old[0], lp_new[1], lp_old[1], gather_steps(adv1, steps),

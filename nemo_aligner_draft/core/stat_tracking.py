@@ -35,13 +35,7 @@ class PerPromptStatTracker:
     """
 
     def __init__(self, buffer_size: int = 32, min_count: int = 16, eps: float = STD_EPS):
-        if buffer_size < 1:
-            raise ValueError(f"per_prompt_stat_tracking.buffer_size must be >= 1, got {buffer_size}")
-        if min_count < 1:
-            raise ValueError(f"per_prompt_stat_tracking.min_count must be >= 1, got {min_count}")
-        if min_count > buffer_size:
-            raise ValueError(f"per_prompt_stat_tracking.min_count ({min_count}) exceeds buffer_size "
-                             f"({buffer_size}): the per-prompt statistics would never be used")
+        # the ranges (1 <= min_count <= buffer_size) are the config section's rules (DDPOConfig, SDPOConfig)
         self.buffer_size = int(buffer_size)
         self.min_count = int(min_count)
         self.eps = float(eps)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 

@@ -2,7 +2,7 @@
 ``embedded_clip_score`` and TinyCLIP diversity of a pipeline's samples on a prompt list."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_write_json
 from . import data as shapes
 from . import models
 from .tokenizer import load_clip_tokenizer, write_clip_tokenizer
@@ -112,10 +113,7 @@ def _load_as_float32(model_dir: str) -> None:
     for key in ("dtype", "torch_dtype"):
         if key in config:
             config[key] = "float32"
-    with open(path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    atomic_write_json(path, config, indent=2, sort_keys=True)
 
 
 def _compact_tokenizer(directory: str) -> None:

@@ -1,18 +1,33 @@
-"""LoRA export in the diffusers format (``pytorch_lora_weights.safetensors``).
+"""LoRA files in the diffusers format (``pytorch_lora_weights.safetensors``): the writer shared by
+training's own export, ``nad-convert to-lora`` and the NeMo-Aligner adapter import.
 
 The adapter's rank and alpha travel as peft adapter metadata inside the safetensors header, so
 ``pipeline.load_lora_weights(dir)`` restores the exact scale alpha/rank even when alpha ≠ rank.
-The file is written to a temporary directory and renamed into place.
+:func:`export_lora` writes to a temporary directory and renames the file into place.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from typing import Dict
 
 import torch
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def save_lora_file(directory: str, state: Dict[str, torch.Tensor], adapter_config: dict, family: str) -> str:
+    """Write peft-named UNet factors ``state`` and their adapter config to ``directory/WEIGHT_NAME``."""
+    import diffusers
+
+    from ..backends import get_family
+
+    # the family's pipeline class: its save_lora_weights writes the key prefixes its load_lora_weights expects
+    pipe = getattr(diffusers, get_family(family).pipeline_class)
+    pipe.save_lora_weights(directory, unet_lora_layers=state, weight_name=WEIGHT_NAME, safe_serialization=True,
+                           unet_lora_adapter_metadata=adapter_config)
+    return os.path.join(directory, WEIGHT_NAME)
 
 
 def export_lora(unet: torch.nn.Module, out_dir: str, family: str = "sd") -> str:
@@ -25,16 +40,12 @@ def export_lora(unet: torch.nn.Module, out_dir: str, family: str = "sd") -> str:
     config = unet.peft_config[adapter]
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
              for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
-    if family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline as Pipe
-    else:
-        from diffusers import StableDiffusionPipeline as Pipe
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
+    # a resumed run exports into the same out_dir again: replace the old file whole, never half-write it
     tmp = tempfile.mkdtemp(prefix=".lora-export-", dir=parent)
     try:
-        Pipe.save_lora_weights(tmp, unet_lora_layers=state, weight_name=WEIGHT_NAME, safe_serialization=True,
-                               unet_lora_adapter_metadata=config.to_dict())
+        save_lora_file(tmp, state, config.to_dict(), family)
         os.makedirs(out_dir, exist_ok=True)
         os.replace(os.path.join(tmp, WEIGHT_NAME), os.path.join(out_dir, WEIGHT_NAME))
     finally:

@@ -60,8 +60,9 @@ def lora_scale(config: dict) -> float:
 
 def apply_lora(unet, state: Dict[str, torch.Tensor], r: int, lora_alpha: float, adapter_name: str = "default"):
     """Add a peft adapter with (r, lora_alpha) to ``unet`` and load ``state`` into it; checks every key."""
-    from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
+
+    from ..backends.base import lora_config
 
     targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
     modules = dict(unet.named_modules())
@@ -69,7 +70,7 @@ def apply_lora(unet, state: Dict[str, torch.Tensor], r: int, lora_alpha: float, 
     if unknown:
         raise ConversionError(f"{len(unknown)} LoRA modules do not exist in this UNet (wrong base model?), "
                               f"e.g. {unknown[:10]}")
-    unet.add_adapter(LoraConfig(r=int(r), lora_alpha=float(lora_alpha), target_modules=targets), adapter_name)
+    unet.add_adapter(lora_config(r, lora_alpha, targets), adapter_name)
     result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and adapter_name in k]
     if missing or getattr(result, "unexpected_keys", None):

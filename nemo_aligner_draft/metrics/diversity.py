@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..files import load_state_dict_file
+
 PairDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # [P,3,H,W] × [P,3,H,W] → [P]
 
 _LPIPS_NETS = {"alex": "alexnet", "vgg": "vgg16", "vgg16": "vgg16", "squeeze": "squeezenet1_1"}
@@ -70,12 +72,7 @@ def _load_torchvision_backbone(net, lpips_net: str, path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LPIPS backbone_path {path!r} does not exist; expected the torchvision "
                                 f"{_LPIPS_NETS[lpips_net]} state dict file (ImageNet weights)")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"LPIPS backbone_path {path!r}: cannot load as a tensor-only state dict: {e}") from e
-    if isinstance(sd, dict) and "state_dict" in sd:
-        sd = sd["state_dict"]
+    sd = load_state_dict_file(path, "LPIPS backbone_path")
     target = net.net.state_dict()
     new_sd = {}
     for key in target:

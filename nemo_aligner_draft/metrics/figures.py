@@ -8,12 +8,13 @@ backend, so the functions are safe in a training process and in tests; PNGs go t
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from ..files import atomic_save_figure
 
 GAIN_COLOUR = "#1a7f37"
 LOSS_COLOUR = "#cf222e"
@@ -265,7 +266,4 @@ def drawn_texts(fig: Figure) -> List[str]:
 
 
 def _save(fig: Figure, path: str, dpi: int) -> None:
-    # a reader (or a docs build) never sees a half-written PNG
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=dpi, format="png", facecolor="white")

@@ -1,5 +1,10 @@
-"""The NeMo shell shared by every algorithm: backend, LoRA, reference, optimizer, data, validation,
-NaN guard and resumable state. Algorithms implement only :meth:`AlignmentModel.objective`.
+"""The NeMo shell every algorithm runs in: state and verbs on ``ModelPT``, the loop in the recipe.
+
+:class:`AlignmentModel` holds what a run has — the backend (denoising network, VAE, text encoders),
+the adapters and the reference, the reward, the prompts, the consumed-sample count — and offers the
+verbs a recipe needs: ``sampling_setup``, ``decode``, ``score``, ``render``, ``generator``. The training
+loop of ``model.algorithm`` is its recipe (:mod:`..algorithms`), looked up in the algorithm registry;
+``training_step`` only hands the batch over.
 
 Randomness is stateless: each sample's initial latents come from a generator seeded by
 ``(model.seed, global sample index, purpose)``, and the other draws of a micro-batch (eta-noise,
@@ -12,9 +17,6 @@ global batch is split over ranks, micro-batches and accumulation.
 from __future__ import annotations
 
 import hashlib
-import logging
-import math
-import time
 from typing import Dict, List, Optional
 
 import torch
@@ -22,28 +24,15 @@ from lightning.pytorch import Trainer
 from nemo.core.classes import ModelPT
 from omegaconf import DictConfig, OmegaConf
 
-from ..backends.base import LORA_TARGETS, DiffusionBackend, load_backend
-from ..config.schema import AlgoLoopConfig, ModelConfig, _build
+from ..algorithms.registry import get_algorithm
+from ..backends import DiffusionBackend, load_backend, lora_targets
+from ..config.schema import AlgoLoopConfig, ModelConfig, validate_model
+from ..core.sampler import StepPlan, sample
 from ..data.prompts import PromptDataset, collate_prompts
 from ..data.sampler import PromptSampler
 from ..errors import InputError, attributed
 from ..rewards.base import Reward, check_reward_output
 from . import distributed
-
-_log = logging.getLogger("nemo_aligner_draft")
-
-
-def typed_model_config(cfg) -> ModelConfig:
-    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    for nemo_key in ("target", "nemo_version"):  # NeMo adds these when it writes a .nemo archive
-        raw.pop(nemo_key, None)
-    problems: List[str] = []
-    node = _build(ModelConfig, raw, "model", problems)
-    if problems:
-        from ..errors import ConfigError
-
-        raise ConfigError(problems)
-    return node
 
 
 def seeded_generator(*parts) -> torch.Generator:
@@ -60,37 +49,48 @@ def frozen_dtype_for(precision) -> torch.dtype:
     return torch.float32
 
 
-class AlignmentModel(ModelPT):
-    """Base shell. ``cfg`` is the ``model`` section; ``loop`` the algorithm's trainer section."""
+def validation_means(outputs: List[Dict]) -> Dict[str, float]:
+    """Mean base and tuned validation reward of a validation's batches, and their paired gain."""
+    rb = torch.cat([o["reward_base"] for o in outputs])
+    rt = torch.cat([o["reward_tuned"] for o in outputs])
+    return {"val_reward": float(rt.mean()), "val_reward_base": float(rb.mean()),
+            "val_reward_gain": float((rt.double() - rb.double()).mean())}
 
-    def __init__(self, cfg: DictConfig, trainer: Optional[Trainer] = None, loop: Optional[AlgoLoopConfig] = None,
-                 reward: Optional[Reward] = None, train_prompts: Optional[List[str]] = None,
-                 val_prompts: Optional[List[str]] = None, precision="32"):
+
+class AlignmentModel(ModelPT):
+    """``cfg`` is the ``model`` section as a DictConfig (what ``.nemo`` archives store); ``config`` the same
+    section already validated (the CLI passes it; restoring an archive validates ``cfg``)."""
+
+    def __init__(self, cfg: DictConfig, trainer: Optional[Trainer] = None, config: Optional[ModelConfig] = None,
+                 loop: Optional[AlgoLoopConfig] = None, reward: Optional[Reward] = None,
+                 train_prompts: Optional[List[str]] = None, val_prompts: Optional[List[str]] = None, precision="32"):
         super().__init__(cfg=cfg, trainer=trainer)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable weights
-        self.mcfg = typed_model_config(cfg)
+        if config is None:
+            raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+            config = validate_model(raw)
+        self.mcfg = m = config
         self.loop = loop or AlgoLoopConfig()
         self.precision_name = str(precision)
-        m = self.mcfg
         with attributed("model.pretrained", "a diffusers pipeline", m.pretrained):
             backend = load_backend(m.pretrained, m.family, frozen_dtype_for(precision))
         self.backend: DiffusionBackend = backend
-        if m.activation_checkpointing and hasattr(backend, "set_activation_checkpointing"):
+        if m.activation_checkpointing:
             with attributed("model.activation_checkpointing"):
                 backend.set_activation_checkpointing(True)
         # registered so Lightning moves them and .nemo archives are self-contained
-        self.unet = backend.unet
+        self.unet = backend.net
         self.vae = backend.vae
         self.text_encoders = torch.nn.ModuleList(backend.text_encoders)
-        scheme = m.peft.peft_scheme
-        lora = m.peft.lora_tuning
+        scheme, lora = m.peft.peft_scheme, m.peft.lora_tuning
         if scheme == "none":
             backend.set_full_finetune()
         else:
             key = "model.peft.lora_tuning.target_modules" if lora.target_modules else "model.peft.peft_scheme"
             with attributed(key):
-                backend.add_lora(lora.adapter_dim, lora.network_alpha, lora.target_modules or LORA_TARGETS[scheme])
+                backend.add_lora(lora.adapter_dim, lora.network_alpha,
+                                 lora.target_modules or lora_targets(backend.family, scheme))
         with attributed("model.peft.peft_scheme"):
             backend.setup_reference(use_adapters=scheme != "none")
         self.reward = reward
@@ -98,9 +98,8 @@ class AlignmentModel(ModelPT):
         self.val_prompts = val_prompts
         self.consumed_samples = 0
         self.nan_skipped_steps = 0
-        self._consecutive_bad = 0
-        self._step_start = None
         self.val_outputs: List[Dict] = []
+        self.recipe = get_algorithm(m.algorithm).recipe_class()(self)
 
     # ------------------------------------------------------------------ NeMo plumbing
     @classmethod
@@ -151,15 +150,14 @@ class AlignmentModel(ModelPT):
     # ------------------------------------------------------------------ data
     def train_dataloader(self):
         ds = PromptDataset(self.train_prompts)
-        sampler = PromptSampler(len(ds), self.mcfg.micro_batch_size, self.dp_rank, self.dp_size, self.mcfg.seed,
-                                consumed_samples=lambda: self.consumed_samples,
-                                length=self._planned_micro_batches())
-        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_prompts, num_workers=0)
-
-    def _planned_micro_batches(self) -> int:
+        if hasattr(self.recipe, "check_prompts"):
+            self.recipe.check_prompts(len(ds))
         trainer = getattr(self, "_trainer", None)
         max_steps = trainer.max_steps if trainer is not None else -1
-        return max_steps * self.accumulation if max_steps and max_steps > 0 else 2**62
+        length = self.recipe.planned_batches(max_steps) if max_steps and max_steps > 0 else 2**62
+        sampler = PromptSampler(len(ds), self.recipe.prompts_per_step, self.dp_rank, self.dp_size, self.mcfg.seed,
+                                consumed_samples=lambda: self.consumed_samples, length=length)
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_prompts, num_workers=0)
 
     def val_dataloader(self):
         prompts = self.val_prompts or self.train_prompts
@@ -170,7 +168,7 @@ class AlignmentModel(ModelPT):
         return torch.utils.data.DataLoader(ds, batch_size=self.mcfg.micro_batch_size, shuffle=False,
                                            collate_fn=collate_prompts, num_workers=0)
 
-    # ------------------------------------------------------------------ rewards
+    # ------------------------------------------------------------------ verbs for the recipes
     def score(self, images: torch.Tensor, prompts: List[str]):
         """Reward ``[B]`` plus its parts (rm.fp32 is handled by the reward itself, see rewards/base.py)."""
         if self.reward is None:
@@ -180,21 +178,19 @@ class AlignmentModel(ModelPT):
         check_reward_output(total, images.shape[0], self.reward.name)
         return total.float(), parts
 
-    # ------------------------------------------------------------------ sampling helpers
     def step_rule(self, num_steps: Optional[int] = None):
-        """The sampler rule for ``model.infer`` (``sampler: default`` lets the backend choose)."""
+        """The sampler rule for ``model.infer`` (``sampler: default`` lets the model family choose)."""
         inf = self.mcfg.infer
-        return self.backend.step_rule(num_steps or inf.inference_steps,
-                                      None if inf.sampler == "default" else inf.sampler)
+        return self.backend.step_rule(num_steps or inf.inference_steps, None if inf.sampler == "default" else inf.sampler)
 
     def encode(self, prompts: List[str]):
         """Prompt conditioning at ``model.infer``'s resolution (SDXL's time ids depend on it)."""
         inf = self.mcfg.infer
-        if hasattr(self.backend, "set_resolution"):
-            self.backend.set_resolution(inf.height, inf.width)
+        self.backend.set_resolution(inf.height, inf.width)
         return self.backend.encode_prompts(prompts)
 
     def sampling_setup(self, prompts: List[str], round_idx: int, purpose: str):
+        """(rule, conditioning, initial latents, generator for the micro-batch's other draws)."""
         inf = self.mcfg.infer
         rule = self.step_rule()
         g = self.generator(round_idx, purpose)
@@ -210,11 +206,22 @@ class AlignmentModel(ModelPT):
     def decode(self, latents):
         return self.backend.decode(latents, self.mcfg.infer.vae_batch_size)
 
-    # ------------------------------------------------------------------ training
-    def objective(self, prompts: List[str], round_idx: int):
-        """Return (loss, metrics dict of scalars). Implemented per algorithm."""
-        raise NotImplementedError
+    @torch.no_grad()
+    def render(self, prompts: List[str], seed_index: int, use_reference: bool,
+               num_steps: Optional[int] = None) -> torch.Tensor:
+        """Images from fixed latents (seeded by the validation index), deterministic sampler, policy or
+        reference; ``num_steps`` other than ``model.infer.inference_steps`` for few-step evaluation."""
+        inf = self.mcfg.infer
+        rule = self.step_rule(num_steps)
+        g = seeded_generator(self.mcfg.seed, "validation", seed_index)
+        cond = self.encode(prompts)
+        latents = self.backend.initial_latents(len(prompts), inf.height, inf.width, rule, generator=g)
+        den = (self.backend.reference_denoiser(cond, inf.unconditional_guidance_scale) if use_reference
+               else self.backend.denoiser(cond, inf.unconditional_guidance_scale))
+        out = sample(den, rule, latents, StepPlan.no_grad(rule.num_steps), eta=0.0)
+        return self.decode(out.pred_x0 if self.mcfg.decode_target == "pred_x0" else out.latents)
 
+    # ------------------------------------------------------------------ training
     def configure_optimizers(self):
         params = self.backend.trainable_parameters()
         o = self.mcfg.optim
@@ -233,81 +240,10 @@ class AlignmentModel(ModelPT):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
-    def on_train_batch_start(self, batch, batch_idx):
-        if self._step_start is None:
-            self._step_start = time.perf_counter()
-
     def training_step(self, batch, batch_idx):
-        prompts = batch["prompt"]
-        round_idx = self.consumed_samples // self.round_size
-        loss, metrics = self.objective(prompts, round_idx)
-        self.consumed_samples += self.round_size
-        ok = bool(torch.isfinite(loss))
-        if ok:
-            self.manual_backward(loss / self.accumulation)
-        else:
-            self._window_bad = True
-        window = getattr(self, "_window_metrics", [])
-        window.append({k: torch.as_tensor(v).detach().float() for k, v in metrics.items()})
-        self._window_metrics = window
-        if (round_idx + 1) % self.accumulation:
-            return loss.detach()
-        self._window_metrics = []
-        self._finish_accumulation_window(window_mean(window))
-        return loss.detach()
-
-    def _finish_accumulation_window(self, metrics: Dict):
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        params = self.backend.trainable_parameters()
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else torch.zeros(())
-        bad = getattr(self, "_window_bad", False) or not bool(torch.isfinite(grad_norm))
-        self._window_bad = False
-        if bad:
-            opt.zero_grad(set_to_none=True)
-            self.nan_skipped_steps += 1
-            self._consecutive_bad += 1
-            self.log("nan_skipped_steps", float(self.nan_skipped_steps), prog_bar=True)
-            _log.warning(f"non-finite loss or gradient at consumed_samples={self.consumed_samples}: optimizer "
-                         f"step skipped ({self._consecutive_bad} in a row, {self.nan_skipped_steps} in total, "
-                         f"model.nan_tolerance={self.mcfg.nan_tolerance})")
-            if self._consecutive_bad >= self.mcfg.nan_tolerance:
-                raise FloatingPointError(
-                    f"{self._consecutive_bad} consecutive steps had a non-finite loss or gradient "
-                    f"(model.nan_tolerance={self.mcfg.nan_tolerance}); stopping. Weights and optimizer "
-                    f"state are those of the last finite step.")
-            return
-        self._consecutive_bad = 0
-        if self.loop.gradient_clip_val > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.loop.gradient_clip_val, gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - self._step_start if self._step_start else float("nan")
-        self._step_start = None
-        logs = {("train_loss" if k == "loss" else k): float(v) for k, v in metrics.items()}
-        logs.update(grad_norm=float(grad_norm), lr=float(sched.get_last_lr()[0]), step_time=step_time,
-                    consumed_samples=float(self.consumed_samples))
-        self.log_dict(logs, prog_bar=False, on_step=True, batch_size=self.mcfg.micro_batch_size)
-        self.log("reward", logs["reward_mean"], prog_bar=True, on_step=True, batch_size=self.mcfg.micro_batch_size)
+        return self.recipe.training_step(batch, batch_idx)
 
     # ------------------------------------------------------------------ validation
-    @torch.no_grad()
-    def render(self, prompts: List[str], seed_index: int, use_reference: bool) -> torch.Tensor:
-        """Images from fixed latents (seeded by the validation index), policy or reference."""
-        inf = self.mcfg.infer
-        rule = self.step_rule()
-        g = seeded_generator(self.mcfg.seed, "validation", seed_index)
-        cond = self.encode(prompts)
-        latents = self.backend.initial_latents(len(prompts), inf.height, inf.width, rule, generator=g)
-        den = (self.backend.reference_denoiser(cond, inf.unconditional_guidance_scale) if use_reference
-               else self.backend.denoiser(cond, inf.unconditional_guidance_scale))
-        from ..core.sampler import StepPlan, sample
-
-        out = sample(den, rule, latents, StepPlan.no_grad(rule.num_steps), eta=0.0)
-        return self.decode(out.pred_x0 if self.mcfg.decode_target == "pred_x0" else out.latents)
-
     def validation_step(self, batch, batch_idx):
         prompts = batch["prompt"]
         base = self.render(prompts, batch_idx, use_reference=True)
@@ -315,7 +251,8 @@ class AlignmentModel(ModelPT):
         r_base, _ = self.score(base, prompts)
         r_tuned, _ = self.score(tuned, prompts)
         self.val_outputs.append({"prompts": prompts, "base": base.cpu(), "tuned": tuned.cpu(),
-                                 "reward_base": r_base.cpu(), "reward_tuned": r_tuned.cpu()})
+                                 "reward_base": r_base.cpu(), "reward_tuned": r_tuned.cpu(),
+                                 "extra_rewards": self.recipe.validation_extras(prompts, batch_idx)})
 
     def on_validation_epoch_start(self):
         self.val_outputs = []
@@ -323,10 +260,10 @@ class AlignmentModel(ModelPT):
     def on_validation_epoch_end(self):
         if not self.val_outputs:
             return
-        rb = torch.cat([o["reward_base"] for o in self.val_outputs])
-        rt = torch.cat([o["reward_tuned"] for o in self.val_outputs])
-        self.log_dict({"val_reward": float(rt.mean()), "val_reward_base": float(rb.mean()),
-                       "val_reward_gain": float((rt - rb).mean())}, on_epoch=True, sync_dist=True)
+        logs = validation_means(self.val_outputs)
+        for key in self.val_outputs[0]["extra_rewards"]:
+            logs[f"val_{key}"] = float(torch.cat([o["extra_rewards"][key] for o in self.val_outputs]).mean())
+        self.log_dict(logs, on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict) -> None:
@@ -336,6 +273,9 @@ class AlignmentModel(ModelPT):
                                          "nan_skipped_steps": self.nan_skipped_steps,
                                          "peft_scheme": self.mcfg.peft.peft_scheme,
                                          "adapter_dim": self.mcfg.peft.lora_tuning.adapter_dim}
+        state = self.recipe.state_dict()
+        if state:
+            checkpoint[getattr(self.recipe, "state_key", "recipe_state")] = state
 
     def on_train_start(self) -> None:
         # Restored EMA state (exp_manager.ema): NeMo's -EMA.ckpt stores the live parameters in its
@@ -370,17 +310,8 @@ class AlignmentModel(ModelPT):
                                   f"(e.g. {missing[:3]}), {len(shapes)} with mismatched shapes (e.g. {shapes[:3]})")
         self.consumed_samples = int(state["consumed_samples"])
         self.nan_skipped_steps = int(state["nan_skipped_steps"])
-
-
-def window_mean(window: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Metrics of one optimizer step from those of its equal-sized micro-batches: the mean of each,
-    except ``reward_std``, which is pooled (the population std of all the window's rewards)."""
-    out = {k: torch.stack([m[k] for m in window]).mean() for k in window[0]}
-    if "reward_std" in out and "reward_mean" in out:
-        # within-micro-batch variance plus the spread of the micro-batch means (no E[x²] − E[x]² cancellation)
-        var = torch.stack([m["reward_std"] ** 2 + (m["reward_mean"] - out["reward_mean"]) ** 2 for m in window]).mean()
-        out["reward_std"] = var.sqrt()
-    return out
+        if self.recipe.state_dict():  # a recipe with state of its own expects it back
+            self.recipe.load_state_dict(checkpoint.get(getattr(self.recipe, "state_key", "recipe_state")))
 
 
 def steps_per_epoch(num_prompts: int, global_batch_size: int) -> int:
@@ -394,6 +325,3 @@ def effective_max_steps(loop: AlgoLoopConfig, trainer_max_steps: int, num_prompt
         cap = loop.max_epochs * steps_per_epoch(num_prompts, global_batch_size)
         steps = cap if steps <= 0 else min(steps, cap)
     return int(steps)
-
-
-__all__ = ["AlignmentModel", "effective_max_steps", "seeded_generator", "math"]

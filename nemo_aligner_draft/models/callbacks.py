@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from ..files import atomic_save_figure, atomic_save_image, atomic_write_json
+from .base import validation_means
 
 
 def image_grid(rows: List[torch.Tensor], cols: int = 16) -> torch.Tensor:
@@ -30,18 +33,22 @@ def save_png(img: torch.Tensor, path: str) -> None:
     from PIL import Image
 
     arr = (img.clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)).cpu().numpy()
-    tmp = path + ".tmp.png"
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    atomic_save_image(Image.fromarray(arr), path)
 
 
 class TrainingReport(Callback):
     """Writes ``images/val_step*.png`` (per band of 16 prompts: base row above fine-tuned row, same
     latents), logs the grids to TensorBoard, and at the end ``reward_curve.png`` and ``metrics.json``
-    in the run directory."""
+    in the run directory.
 
-    def __init__(self, log_dir: str):
+    ``diversity``: images ``[N, 3, H, W]`` → a float (e.g. the mean pairwise embedding distance);
+    ``lpips``: (images, prompts) → ``{"mean": ...}``, per-prompt LPIPS. Each is logged for the base and
+    the fine-tuned images of every validation."""
+
+    def __init__(self, log_dir: str, diversity: Optional[Callable] = None, lpips: Optional[Callable] = None):
         self.log_dir = log_dir
+        self.diversity = diversity
+        self.lpips = lpips
         self.train_history: List[Dict] = []
         self.val_history: List[Dict] = []
 
@@ -70,8 +77,9 @@ class TrainingReport(Callback):
         tuned = torch.cat([o["tuned"] for o in outs])
         rb = torch.cat([o["reward_base"] for o in outs])
         rt = torch.cat([o["reward_tuned"] for o in outs])
-        entry = {"step": trainer.global_step, "reward_base": float(rb.mean()), "reward_tuned": float(rt.mean()),
-                 "rewards_base": rb.tolist(), "rewards_tuned": rt.tolist(),
+        means = validation_means(outs)
+        entry = {"step": trainer.global_step, "reward_base": means["val_reward_base"],
+                 "reward_tuned": means["val_reward"], "rewards_base": rb.tolist(), "rewards_tuned": rt.tolist(),
                  "prompts": [p for o in outs for p in o["prompts"]]}
         # paired per-image statistics (same latents): gain = reward_tuned − reward_base, its standard error
         diff = rt.double() - rb.double()
@@ -80,14 +88,12 @@ class TrainingReport(Callback):
         # per-batch extra reward tensors a model adds (e.g. SDPO: reward at 1/2/4/8 sampling steps)
         for key in outs[0].get("extra_rewards", {}):
             entry[key] = float(torch.cat([o["extra_rewards"][key] for o in outs]).mean())
-        diversity = getattr(pl_module, "diversity_fn", None)
-        if diversity is not None:
-            entry["diversity_base"] = float(diversity(base))
-            entry["diversity_tuned"] = float(diversity(tuned))
-        lpips_fn = getattr(pl_module, "lpips_fn", None)
-        if lpips_fn is not None:
-            entry["lpips_diversity_base"] = float(lpips_fn(base, entry["prompts"])["mean"])
-            entry["lpips_diversity_tuned"] = float(lpips_fn(tuned, entry["prompts"])["mean"])
+        if self.diversity is not None:
+            entry["diversity_base"] = float(self.diversity(base))
+            entry["diversity_tuned"] = float(self.diversity(tuned))
+        if self.lpips is not None:
+            entry["lpips_diversity_base"] = float(self.lpips(base, entry["prompts"])["mean"])
+            entry["lpips_diversity_tuned"] = float(self.lpips(tuned, entry["prompts"])["mean"])
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 exp = getattr(logger, "experiment", None)
@@ -106,11 +112,8 @@ class TrainingReport(Callback):
             self._write_json()
 
     def _write_json(self):
-        path = os.path.join(self.log_dir, "metrics.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"train": self.train_history, "validation": self.val_history}, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_json(os.path.join(self.log_dir, "metrics.json"),
+                          {"train": self.train_history, "validation": self.val_history})
 
     def on_train_end(self, trainer, pl_module):
         if not trainer.is_global_zero:
@@ -136,7 +139,5 @@ def plot_reward_curve(train: List[Dict], val: List[Dict], path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_save_figure(fig, path, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -1,80 +1,19 @@
-"""Atomic checkpoint writes and safe reads.
-
-Writes: a crash (or SIGKILL) while saving never leaves a truncated checkpoint under the final name;
-the file is written to ``<name>.tmp-<pid>``, fsynced and renamed. NeMo's resume looks for
-``*last.ckpt``, so a leftover temporary never matches it; :func:`tidy_checkpoint_dir` removes such
-leftovers (and stale duplicate ``*last.ckpt`` files) before a resumed run looks for its checkpoint.
-
-Reads: ``torch.load(weights_only=True)``. A Lightning checkpoint also holds the model's
-``hyper_parameters`` as OmegaConf containers; those plain-data classes are allow-listed, nothing
-that can run code on unpickling is.
-"""
+"""Lightning's checkpoint I/O through the package's atomic writes and safe reads (:mod:`..files`), and
+the tidying a killed run's checkpoint directory needs before it is resumed."""
 from __future__ import annotations
 
-import collections
 import glob
 import os
 import re
-import typing
 from typing import List
 
-import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ..errors import InputError
-
-TMP_MARK = ".tmp-"
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """Write to ``path.tmp-<pid>``, fsync, then rename over ``path`` (atomic on POSIX)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}{TMP_MARK}{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def checkpoint_safe_globals() -> list:
-    """The non-tensor classes a checkpoint of ours contains: OmegaConf containers and their nodes."""
-    from omegaconf import DictConfig, ListConfig, nodes
-    from omegaconf.base import ContainerMetadata, Metadata
-
-    return [DictConfig, ListConfig, ContainerMetadata, Metadata, typing.Any, collections.defaultdict, dict, list,
-            int, float, str, bool, nodes.AnyNode, nodes.StringNode, nodes.IntegerNode, nodes.FloatNode,
-            nodes.BooleanNode]
+from ..files import TMP_MARK, allow_checkpoint_globals, atomic_torch_save, safe_torch_load
 
 
 def safe_load_checkpoint(path, map_location="cpu"):
-    """``torch.load(path, weights_only=True)`` with the OmegaConf allow-list; errors name the path."""
-    # Registered process-wide rather than with the safe_globals context manager: leaving that context
-    # removes the listed classes again, including the registration NeMo's EMA callback relies on.
-    allow_checkpoint_globals()
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise InputError(str(path), "checkpoint does not exist") from None
-    except Exception as e:  # truncated file, foreign pickle, classes outside the allow-list
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        # torch's refusal is several paragraphs; the line naming the forbidden global is the useful one
-        named = [line for line in lines if "unsupported global" in line.lower() or "WeightsUnpickler error" in line]
-        detail = (named or lines or [type(e).__name__])[-1][:400]
-        raise InputError(str(path), f"checkpoint cannot be loaded safely (weights_only=True): {detail}") from e
+    return safe_torch_load(path, map_location=map_location, what="checkpoint")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -121,13 +60,6 @@ def tidy_checkpoint_dir(directory: str) -> List[str]:
             os.replace(old, old + ".stale")
             changed.append(old)
     return changed
-
-
-def allow_checkpoint_globals() -> None:
-    """Register the allow-list process-wide: NeMo's EMA callback reads ``*-EMA.ckpt`` with a plain
-    ``torch.load`` (weights_only=True by default since torch 2.6), which otherwise refuses our
-    checkpoints' OmegaConf ``hyper_parameters`` and breaks every resume with EMA enabled."""
-    torch.serialization.add_safe_globals(checkpoint_safe_globals())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

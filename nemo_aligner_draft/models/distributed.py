@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from ..files import atomic_torch_save
+
 _OWN_GROUP = False
 
 
@@ -88,5 +90,4 @@ class RankDump(Callback):
                  "consumed_samples": pl_module.consumed_samples}
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_torch_save(state, path)

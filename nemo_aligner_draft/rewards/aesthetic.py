@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..files import load_state_dict_file
 from .base import Reward, register_reward
 from .clip import ClipEncoder, load_hf_clip, require_path
 
@@ -39,13 +40,8 @@ class AestheticHead(torch.nn.Module):
 
 def load_aesthetic_head(path: str) -> AestheticHead:
     path = require_path(path, "aesthetic", "the LAION aesthetic MLP state dict (sac+logos+ava1-l14-linearMSE.pth)", "file")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"reward 'aesthetic': cannot load {path!r} as a tensor-only state dict: {e}") from e
-    if isinstance(sd, dict) and "state_dict" in sd:
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or "layers.0.weight" not in sd:
+    sd = load_state_dict_file(path, "reward 'aesthetic'")
+    if "layers.0.weight" not in sd:
         keys = sorted(sd)[:6] if isinstance(sd, dict) else type(sd).__name__
         raise ValueError(f"reward 'aesthetic': {path!r} is not a LAION aesthetic head: expected key 'layers.0.weight' "
                          f"(Linear(768, 1024)), found {keys}")

@@ -1,7 +1,6 @@
 """Analytic rewards that need no weights."""
 from __future__ import annotations
 
-import torch
 
 from .base import Reward, register_reward
 

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..files import load_state_dict_file
 from .base import Reward, _at_least_fp32, register_reward
 from .preprocess import ClipPreprocess, config_from_hf_image_processor, config_from_open_clip
 
@@ -127,20 +128,7 @@ def load_open_clip_state_dict(path: str, reward: str) -> dict:
     """A state dict from an open_clip/HPS checkpoint file: a plain state dict or one under
     ``"state_dict"``; the ``module.`` prefix that DDP training leaves is removed."""
     path = require_path(path, reward, "an open_clip checkpoint file (a state dict, .pt/.bin/.safetensors)", "file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses pickled objects: say so with the path
-            raise ValueError(f"reward {reward!r}: cannot load {path!r} as a tensor-only checkpoint "
-                             f"(torch.load weights_only=True): {e}") from e
-    if isinstance(sd, dict) and "state_dict" in sd:
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd:
-        raise ValueError(f"reward {reward!r}: {path!r} holds no state dict (got {type(sd).__name__})")
+    sd = load_state_dict_file(path, f"reward {reward!r}")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 

@@ -3,13 +3,13 @@ from typing import Dict, List
 
 import torch
 
-from nemo_aligner_draft.backends.base import LORA_TARGETS
+from nemo_aligner_draft.backends import lora_targets
 
 
 def add_random_lora(backend, seed: int = 0, rank: int = 4, scale: float = 0.05) -> List[torch.nn.Parameter]:
     """LoRA on the UNet with B drawn at random (not zero) so that the policy differs from the
     reference and the gradient reaches A as well as B."""
-    params = backend.add_lora(rank, float(rank), LORA_TARGETS["sdlora"])
+    params = backend.add_lora(rank, float(rank), lora_targets("sd", "sdlora"))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in backend.unet.named_parameters():

@@ -6,7 +6,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from backend_helpers import add_random_lora, assert_grads_close, decode_by_hand, lora_grads, zero_grads
-from nemo_aligner_draft.backends import DiffusionBackend, load_backend
+from nemo_aligner_draft.backends import load_backend
+from nemo_aligner_draft.backends.sd import SDBackend
 from nemo_aligner_draft.core.draft import DraftConfig, draft_objective
 from nemo_aligner_draft.core.sampler import StepPlan, sample
 from nemo_aligner_draft.core.schedulers import DDIMRule
@@ -29,7 +30,7 @@ def backend(tiny_sd_dir):
 
 
 def test_load_backend_detects_sd(backend):
-    assert type(backend) is DiffusionBackend
+    assert type(backend) is SDBackend
     assert isinstance(backend.step_rule(5), DDIMRule)
     assert backend.vae.encoder is None
 

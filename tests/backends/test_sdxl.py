@@ -13,7 +13,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from backend_helpers import (add_random_lora, assert_grads_close, decode_by_hand, grad_distance,
                              lora_grads, zero_grads)
 from nemo_aligner_draft.backends import load_backend
-from nemo_aligner_draft.backends.base import LORA_TARGETS
+from nemo_aligner_draft.backends import lora_targets
 from nemo_aligner_draft.backends.sdxl import SDXLBackend
 from nemo_aligner_draft.core.draft import DraftConfig, draft_objective
 from nemo_aligner_draft.core.sampler import StepPlan, sample
@@ -230,7 +230,7 @@ def train_and_evaluate(path, lr: float, train_steps: int = 8):
     reward of samples from held-out latents and prompts."""
     torch.manual_seed(0)  # LoRA A initialisation
     backend = make_backend(path)
-    params = backend.add_lora(4, 4.0, LORA_TARGETS["sdlora"])
+    params = backend.add_lora(4, 4.0, lora_targets("sd", "sdlora"))
     backend.setup_reference(use_adapters=True)
     optimizer = torch.optim.Adam(params, lr=lr)
     cond = backend.encode_prompts(PROMPTS)

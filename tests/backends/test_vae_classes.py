@@ -50,7 +50,7 @@ def test_unknown_vae_class_is_named(tiny_sd_dir, tmp_path):
 
 
 def test_nemo_export_refuses_tiny_vae(tiny_sd_dir, tmp_path):
-    from nemo_aligner_draft.export.convert import export_nemo
+    from nemo_aligner_draft.export.to_nemo import export_nemo
 
     path = _with_tiny_vae(tiny_sd_dir, str(tmp_path / "sd"))
     out = tmp_path / "out.nemo"

@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from nemo_aligner_draft.testing.config import yaml_leaves
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(REPO, "examples", "mm", "stable_diffusion", "train_sd_draftp.py")
 
@@ -27,7 +29,7 @@ def tiny_overrides(sd_dir, run_dir, steps=4, extra=()):
 @pytest.fixture(scope="module")
 def trained_run(tiny_sd_dir, tmp_path_factory):
     from nemo_aligner_draft.cli.train import main
-    from nemo_aligner_draft.config.tracking import track_reads
+    from nemo_aligner_draft.typed import track_reads
 
     run_dir = str(tmp_path_factory.mktemp("run") / "draftp")
     with track_reads() as reads:
@@ -55,20 +57,10 @@ def test_run_writes_artefacts(trained_run):
 
 def test_every_key_in_the_tiny_config_is_read(trained_run):
     """Every leaf key present in conf/draftp_tiny.yaml was read by code during a real run."""
-    from nemo_aligner_draft.config.tracking import leaf_keys  # noqa: F401  (same notion of leaf)
 
     raw = yaml.safe_load(open(os.path.join(REPO, "conf", "draftp_tiny.yaml")))
-    unread = sorted(k for k in _yaml_leaves(raw) if k not in trained_run["reads"])
+    unread = sorted(k for k in yaml_leaves(raw) if k not in trained_run["reads"])
     assert not unread, f"config keys nothing read: {unread}"
-
-
-def _yaml_leaves(d, prefix=""):
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and v and k != "kwargs":
-            yield from _yaml_leaves(v, key)
-        else:
-            yield key
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "conf")) if f.endswith(".yaml")))
@@ -103,10 +95,10 @@ def test_every_shipped_config_validates_and_has_only_schema_keys(name, tiny_sd_d
 
 
 def test_nemo_roundtrip_restores_identical_weights(trained_run):
-    from nemo_aligner_draft.models.draftp import DraftPlusModel
+    from nemo_aligner_draft.models.base import AlignmentModel
 
     d = trained_run["dir"]
-    restored = DraftPlusModel.restore_from(os.path.join(d, "checkpoints", "draftp_tiny.nemo"), map_location="cpu")
+    restored = AlignmentModel.restore_from(os.path.join(d, "checkpoints", "draftp_tiny.nemo"), map_location="cpu")
     ckpt = [f for f in os.listdir(os.path.join(d, "checkpoints")) if f.endswith("-last.ckpt")][0]
     trained = torch.load(os.path.join(d, "checkpoints", ckpt), map_location="cpu", weights_only=False)["state_dict"]
     state = restored.state_dict()
@@ -121,10 +113,10 @@ def test_exported_lora_reproduces_trained_images_in_plain_diffusers(trained_run)
     """pipeline.load_lora_weights(export) gives the trained model's images from the same latents."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from nemo_aligner_draft.models.draftp import DraftPlusModel
+    from nemo_aligner_draft.models.base import AlignmentModel
 
     d = trained_run["dir"]
-    model = DraftPlusModel.restore_from(os.path.join(d, "checkpoints", "draftp_tiny.nemo"), map_location="cpu")
+    model = AlignmentModel.restore_from(os.path.join(d, "checkpoints", "draftp_tiny.nemo"), map_location="cpu")
     prompts = ["a photo of a cat", "a photo of a fox"]
     ours = model.render(prompts, seed_index=0, use_reference=False)
 
@@ -207,7 +199,7 @@ def test_validation_logs_per_prompt_lpips_from_a_local_backbone(tiny_sd_dir, tmp
     import torchvision
 
     from nemo_aligner_draft.cli.train import main
-    from nemo_aligner_draft.config.tracking import track_reads
+    from nemo_aligner_draft.typed import track_reads
 
     backbone = tmp_path / "alexnet.pth"
     torch.manual_seed(0)

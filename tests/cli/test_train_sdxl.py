@@ -16,7 +16,7 @@ def test_draftp_sdxl_trains_from_the_cli_and_exports_lora(tiny_sdxl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from nemo_aligner_draft.cli.train import main
-    from nemo_aligner_draft.config.tracking import track_reads
+    from nemo_aligner_draft.typed import track_reads
 
     run = tmp_path / "run"
     with track_reads() as reads:

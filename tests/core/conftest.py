@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nemo_aligner_draft.backends import load_backend
-from nemo_aligner_draft.backends.base import LORA_TARGETS
+from nemo_aligner_draft.backends import lora_targets
 
 
 def randomize_lora_b(unet, seed: int = 0, std: float = 0.05) -> None:
@@ -23,7 +23,7 @@ def make_backend(tiny_sd_dir):
     def make(lora: bool = True, dtype: torch.dtype = torch.float32, rank: int = 4, seed: int = 0):
         backend = load_backend(tiny_sd_dir, frozen_dtype=dtype)
         if lora:
-            backend.add_lora(rank, float(rank), LORA_TARGETS["sdlora"])
+            backend.add_lora(rank, float(rank), lora_targets("sd", "sdlora"))
             randomize_lora_b(backend.unet, seed)
         backend.unet.to(dtype)
         backend.setup_reference(use_adapters=lora)

@@ -54,7 +54,7 @@ def _run(setup, cfg, seed):
 
 @pytest.mark.parametrize("seed", [0, 3, 7])
 def test_per_step_redraw_detaches_outputs_but_not_the_chain(setup, seed):
-    cfg = AlignPropConfig(truncation="per_step", uniform_min=0, uniform_max=50)
+    cfg = AlignPropConfig(truncation="per_step", cut_min=0, cut_max=50)
     probe, lat, loss, metrics, _, plan = _run(setup, cfg, seed)
     carried = [i for i in range(T) if probe.scale.grad is not None and probe.scale.grad[i] != 0]
     assert carried == plan.grad_steps
@@ -71,8 +71,8 @@ def test_per_step_redraw_detaches_outputs_but_not_the_chain(setup, seed):
 
 @pytest.mark.parametrize("mode", ["gaussian", "uniform", "fixed"])
 def test_one_cut_modes_carry_gradient_from_the_cut_on(setup, mode):
-    cfg = AlignPropConfig(truncation=mode, gaussian_mean=30, gaussian_std=10, uniform_min=10, uniform_max=40,
-                          fixed_cut=30)
+    cfg = AlignPropConfig(truncation="per_rollout", cut_distribution=mode, cut_mean=30, cut_std=10, cut_min=10,
+                          cut_max=40, fixed_cut=30)
     probe, lat, loss, _, _, plan = _run(setup, cfg, seed=1)
     cut = plan.grad.index(True)
     carried = [i for i in range(T) if probe.scale.grad[i] != 0]
@@ -90,14 +90,14 @@ def test_reward_to_loss_options(setup):
     den = backend.denoiser(cond, 2.0)
     score = lambda img: img.mean(dim=(1, 2, 3)) * 10  # noqa: E731
     lat = backend.initial_latents(2, 64, 64, rule, generator=torch.Generator().manual_seed(0))
-    base = AlignPropConfig(truncation="fixed", fixed_cut=49)
+    base = AlignPropConfig(cut_distribution="fixed", fixed_cut=49)
     with torch.no_grad():
         _, m, images = alignprop_objective(den, None, rule, lat, backend.decode, score, base)
         r = score(images)
         neg, _, _ = alignprop_objective(den, None, rule, lat, backend.decode, score,
-                                        AlignPropConfig(truncation="fixed", loss_coeff=0.5))
+                                        AlignPropConfig(cut_distribution="fixed", loss_coeff=0.5))
         tgt, _, _ = alignprop_objective(den, None, rule, lat, backend.decode, score,
-                                        AlignPropConfig(truncation="fixed", loss_mode="target",
+                                        AlignPropConfig(cut_distribution="fixed", loss_mode="target",
                                                         loss_target=5.0, loss_coeff=2.0))
     torch.testing.assert_close(neg, -0.5 * r.mean(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(tgt, 2.0 * (r - 5.0).abs().mean(), atol=1e-6, rtol=1e-5)
@@ -116,7 +116,7 @@ def _law_of_clipped_rounded_normal(mean, std, last):
 @pytest.mark.parametrize("steps", [50, 10])
 def test_gaussian_cut_distribution_scaled_and_clipped(steps):
     g = torch.Generator().manual_seed(0)
-    cfg = AlignPropConfig(truncation="gaussian")  # 42 ± 5 of 50
+    cfg = AlignPropConfig(cut_distribution="gaussian")  # 42 ± 5 of 50
     cuts = torch.tensor([draw_cut(cfg, steps, g) for _ in range(4000)], dtype=torch.float64)
     # the upper tail piles onto the last step: 42 + 1.4σ already reaches 49
     mean, std, p_last = _law_of_clipped_rounded_normal(42 * steps / 50, 5 * steps / 50, steps - 1)
@@ -130,12 +130,12 @@ def test_gaussian_cut_distribution_scaled_and_clipped(steps):
 
 def test_uniform_and_fixed_cuts():
     g = torch.Generator().manual_seed(0)
-    cfg = AlignPropConfig(truncation="uniform", uniform_min=10, uniform_max=20)
+    cfg = AlignPropConfig(cut_distribution="uniform", cut_min=10, cut_max=20)
     cuts = [draw_cut(cfg, 50, g) for _ in range(2000)]
     assert min(cuts) == 10 and max(cuts) == 20 and len(set(cuts)) == 11
-    assert draw_cut(AlignPropConfig(truncation="fixed"), 50, g) == 49  # K = 1
-    assert draw_cut(AlignPropConfig(truncation="fixed"), 10, g) == 9  # 49/50·10 rounds to 10, clipped
-    assert draw_cut(AlignPropConfig(truncation="fixed", fixed_cut=25), 10, g) == 5
+    assert draw_cut(AlignPropConfig(cut_distribution="fixed"), 50, g) == 49  # K = 1
+    assert draw_cut(AlignPropConfig(cut_distribution="fixed"), 10, g) == 9  # 49/50·10 rounds to 10, clipped
+    assert draw_cut(AlignPropConfig(cut_distribution="fixed", fixed_cut=25), 10, g) == 5
     with pytest.raises(ValueError, match="one-cut"):
         draw_cut(AlignPropConfig(truncation="per_step"), 10, g)
     with pytest.raises(ValueError, match="truncation"):
@@ -145,7 +145,7 @@ def test_uniform_and_fixed_cuts():
 def test_per_step_mask_frequencies():
     """P(step i detached) = P(c > i) = (hi − i)/(hi − lo + 1) with c ~ U{lo..hi}."""
     g = torch.Generator().manual_seed(0)
-    cfg = AlignPropConfig(truncation="per_step", uniform_min=0, uniform_max=10, reference_steps=10)
+    cfg = AlignPropConfig(truncation="per_step", cut_min=0, cut_max=10, reference_steps=10)
     masks = torch.tensor([draw_detach_mask(cfg, 10, g) for _ in range(6000)], dtype=torch.float64)
     expected = torch.tensor([(10 - i) / 11 for i in range(10)], dtype=torch.float64)
     assert (masks.mean(0) - expected).abs().max() < 0.03

@@ -133,7 +133,7 @@ def test_step_loss_at_identical_params_and_gradient(paired):
         adv2 = torch.tensor([[-1.0, 0.1, 0.4], [0.0, 1.0, -2.0]])
         steps = torch.tensor([1, 1])
         den = backend.denoiser(cond, 2.0)
-        loss, m = sdpo_step_loss(den, rule, first, second, adv1, adv2, steps, cfg)
+        loss, m = sdpo_step_loss(den, rule, first, second, adv1, adv2, steps, cfg, 1.0)  # the rollout eta
         target = adv1[:, 1] - adv2[:, 1]
         torch.testing.assert_close(loss.detach(), (target**2).mean(), atol=1e-4, rtol=1e-4)
         assert float(m["log_ratio_diff"]) < 1e-5

@@ -194,7 +194,7 @@ def test_sdxl_pipeline_to_nemo_and_back(tmp_path):
         a = cls.from_pretrained(sdxl, subfolder=sub).state_dict()
         b = cls.from_pretrained(str(tmp_path / "back"), subfolder=sub).state_dict()
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), sub
-    from nemo_aligner_draft.export.convert import read_nemo_archive
+    from nemo_aligner_draft.export.read import read_nemo_archive
 
     _, weights = read_nemo_archive(str(tmp_path / "xl.nemo"))
     assert "model.model.diffusion_model.label_emb.0.0.weight" in weights  # SDXL's added conditioning

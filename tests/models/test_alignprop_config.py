@@ -1,11 +1,10 @@
 """The AlignProp launch configs reach the core with the truncation and loss they name.
 
-``DraftPlusModel.alignprop_config`` maps ``model.alignprop`` onto :class:`core.alignprop.AlignPropConfig`;
-the step plan it produces is checked against the recipe (K=1 recipes: gradient on the last step only;
-gaussian recipes: cuts around 42 of 50; the tiny config: the original per-step redraw).
+``model.alignprop`` validates into the core's own :class:`core.alignprop.AlignPropConfig` (no mapping in
+between); the step plan it produces is checked against the recipe (K=1 recipes: gradient on the last
+step only; gaussian recipes: cuts around 42 of 50; the tiny config: the original per-step redraw).
 """
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,10 +23,11 @@ def typed(name, tiny_sd_dir):
 
 
 def core_config(name, tiny_sd_dir):
-    from nemo_aligner_draft.models.draftp import DraftPlusModel
+    from nemo_aligner_draft.core.alignprop import AlignPropConfig
 
     cfg = typed(name, tiny_sd_dir)
-    return DraftPlusModel.alignprop_config(SimpleNamespace(mcfg=cfg.model)), cfg
+    assert type(cfg.model.alignprop) is AlignPropConfig
+    return cfg.model.alignprop, cfg
 
 
 @pytest.mark.parametrize("name,reward,loss_mode", [("alignprop_aesthetic_k1", "aesthetic", "target"),
@@ -36,7 +36,8 @@ def test_k1_recipes_put_gradient_on_the_last_step_only(name, reward, loss_mode, 
     from nemo_aligner_draft.core.alignprop import alignprop_plan
 
     core, cfg = core_config(name, tiny_sd_dir)
-    assert cfg.rm.name == reward and core.loss_mode == loss_mode and core.truncation == "fixed"
+    assert cfg.rm.name == reward and core.loss_mode == loss_mode
+    assert (core.truncation, core.cut_distribution) == ("per_rollout", "fixed")
     for steps in (50, 10):
         plan = alignprop_plan(core, steps, torch.Generator().manual_seed(0))
         assert plan.grad_steps == [steps - 1], (steps, plan.grad_steps)
@@ -47,7 +48,8 @@ def test_gaussian_recipes_draw_cuts_around_42_of_50(name, tiny_sd_dir):
     from nemo_aligner_draft.core.alignprop import draw_cut
 
     core, cfg = core_config(name, tiny_sd_dir)
-    assert core.truncation == "gaussian" and cfg.model.infer.inference_steps == 50
+    assert (core.truncation, core.cut_distribution) == ("per_rollout", "gaussian")
+    assert cfg.model.infer.inference_steps == 50
     g = torch.Generator().manual_seed(0)
     cuts = torch.tensor([draw_cut(core, 50, g) for _ in range(400)], dtype=torch.float64)
     assert abs(cuts.mean().item() - 42.0) < 1.0 and 4.0 < cuts.std().item() < 6.0

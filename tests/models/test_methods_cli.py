@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+from nemo_aligner_draft.testing.config import yaml_leaves
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LOOP = {"alignprop_tiny": "alignprop", "ddpo_tiny": "ddpo", "sdpo_tiny": "sdpo"}
@@ -39,7 +41,7 @@ SHORT = {
 @pytest.fixture(scope="module", params=sorted(SHORT))
 def short_run(request, tiny_sd_dir, tmp_path_factory):
     from nemo_aligner_draft.cli.train import main
-    from nemo_aligner_draft.config.tracking import track_reads
+    from nemo_aligner_draft.typed import track_reads
 
     name = request.param
     run_dir = str(tmp_path_factory.mktemp(name) / "run")
@@ -50,18 +52,9 @@ def short_run(request, tiny_sd_dir, tmp_path_factory):
     return {"name": name, "dir": run_dir, "reads": set(reads), "sd": tiny_sd_dir}
 
 
-def _yaml_leaves(d, prefix=""):
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict) and v and k != "kwargs":
-            yield from _yaml_leaves(v, key)
-        else:
-            yield key
-
-
 def test_every_key_in_the_method_config_is_read(short_run):
     raw = yaml.safe_load(open(os.path.join(REPO, "conf", short_run["name"] + ".yaml")))
-    unread = sorted(k for k in _yaml_leaves(raw) if k not in short_run["reads"])
+    unread = sorted(k for k in yaml_leaves(raw) if k not in short_run["reads"])
     assert not unread, f"{short_run['name']}: config keys nothing read: {unread}"
 
 

@@ -1,7 +1,7 @@
 """Training metrics under gradient accumulation describe the whole optimizer step, not its last micro-batch."""
 import torch
 
-from nemo_aligner_draft.models.base import window_mean
+from nemo_aligner_draft.algorithms.optimizer_step import window_mean
 
 
 def test_window_mean_pools_reward_statistics_over_micro_batches():

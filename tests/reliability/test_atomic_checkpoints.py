@@ -30,17 +30,16 @@ def test_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
         f.truncate(7)  # a partial file, then the "crash"
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", dies_halfway)
+    monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(OSError, match="No space left"):
         checkpoint_io.atomic_torch_save({"w": torch.zeros(5)}, path)
-    monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(checkpoint_io.safe_load_checkpoint(path)["w"], torch.arange(5.0))
     assert os.listdir(tmp_path) == ["step=1-last.ckpt"], "no temporary left behind by a failed save"
 
 
 def test_failed_save_during_training_then_resume_from_newest_complete(tiny_sd_dir, tmp_path, monkeypatch):
     from nemo_aligner_draft.cli.train import main
-    from nemo_aligner_draft.models import checkpoint_io
     from nemo_aligner_draft.models.base import AlignmentModel
 
     run = tmp_path / "run"
@@ -54,10 +53,10 @@ def test_failed_save_during_training_then_resume_from_newest_complete(tiny_sd_di
             raise OSError("No space left on device")
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", fails_from_the_third_save)
+    monkeypatch.setattr(torch, "save", fails_from_the_third_save)
     with pytest.raises(OSError, match="No space left"):
         main(tiny_args(tiny_sd_dir, run, 3))
-    monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     ckdir = run / "checkpoints"
     survivor = last_checkpoint(str(run))
     assert os.path.basename(survivor) == "step=1-last.ckpt"

@@ -55,18 +55,19 @@ def _equal(a, b):
 
 def test_bad_windows_are_skipped_counted_logged_and_leave_state_untouched(tiny_sd_dir, tmp_path, monkeypatch, caplog):
     from nemo_aligner_draft.cli.train import main
-    from nemo_aligner_draft.models.base import AlignmentModel
+    from nemo_aligner_draft.algorithms.optimizer_step import OptimizerStep
 
     windows = []
-    original = AlignmentModel._finish_accumulation_window
+    original = OptimizerStep.finish
 
-    def recording(self, metrics):
-        before = _snapshot(self)
-        skipped_before = self.nan_skipped_steps
-        original(self, metrics)
-        windows.append((self.nan_skipped_steps > skipped_before, _equal(before, _snapshot(self))))
+    def recording(self, extra=None):
+        before = _snapshot(self.model)
+        skipped_before = self.model.nan_skipped_steps
+        out = original(self, extra)
+        windows.append((self.model.nan_skipped_steps > skipped_before, _equal(before, _snapshot(self.model))))
+        return out
 
-    monkeypatch.setattr(AlignmentModel, "_finish_accumulation_window", recording)
+    monkeypatch.setattr(OptimizerStep, "finish", recording)
     run = tmp_path / "run"
     steps = 4
     with caplog.at_level(logging.WARNING, logger="nemo_aligner_draft"):

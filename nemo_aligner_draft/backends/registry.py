@@ -1,0 +1,99 @@
+"""Which model families exist, and how a pipeline directory is recognised: one :class:`Family` entry each.
+
+A family entry names everything the rest of the package needs to know about it — the diffusers
+pipeline classes that identify it (``model_index.json``'s ``_class_name``), the backend class, the LoRA
+target modules of each ``peft_scheme``, the default sampler, and the classes an export writes (the
+pipeline class whose ``save_lora_weights`` / ``from_pretrained`` fit, the denoiser class and its
+subfolder). Adding a family is one backend file plus one ``register_family`` call.
+
+Backends are named as ``"module:Class"`` and imported on first use, so this module imports no backend
+and no backend imports it: the dependency goes one way.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .base import DiffusionBackend, check_pipeline_dir
+
+# NeMo-Aligner's "sdlora": the attention projections of every transformer block. "lora": attention and
+# the feed-forward linears of every transformer block.
+_UNET_LORA = {
+    "sdlora": ["to_q", "to_k", "to_v", "to_out.0"],
+    "lora": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    backend: str  # "package.module:Class", a DiffusionBackend subclass with a from_pretrained(path, dtype)
+    pipeline_classes: Tuple[str, ...]  # model_index.json _class_name values that mean this family
+    pipeline_class: Optional[str]  # the diffusers pipeline an export writes / loads LoRA with (None: none)
+    lora_targets: Dict[str, List[str]] = field(default_factory=lambda: dict(_UNET_LORA))
+    default_sampler: str = "ddim"
+    denoiser_class: str = "UNet2DConditionModel"  # diffusers class of the trained network
+    denoiser_subfolder: str = "unet"
+
+    def backend_class(self) -> type:
+        module, _, name = self.backend.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+FAMILIES: Dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    if family.name in FAMILIES or family.name == "auto":
+        raise ValueError(f"model family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+register_family(Family(
+    "sd", "nemo_aligner_draft.backends.sd:SDBackend", ("StableDiffusionPipeline",), "StableDiffusionPipeline",
+    default_sampler="ddim"))
+register_family(Family(
+    "sdxl", "nemo_aligner_draft.backends.sdxl:SDXLBackend", ("StableDiffusionXLPipeline",),
+    "StableDiffusionXLPipeline", default_sampler="euler"))
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r} (known: {', '.join(['auto', *FAMILIES])})")
+    return FAMILIES[name]
+
+
+def detect_family(path: str) -> str:
+    """The family of a local diffusers pipeline directory, from its ``model_index.json`` ``_class_name``."""
+    index = check_pipeline_dir(path)
+    name = index.get("_class_name")
+    for fam in FAMILIES.values():
+        if name in fam.pipeline_classes:
+            return fam.name
+    known = sorted(c for fam in FAMILIES.values() for c in fam.pipeline_classes)
+    raise ValueError(f"{path!r}: model_index.json names pipeline class {name!r}, which no model family handles "
+                     f"(known: {', '.join(known)})")
+
+
+def lora_targets(family_name: str, scheme: str) -> List[str]:
+    targets = get_family(family_name).lora_targets
+    if scheme not in targets:
+        raise ValueError(f"model family {family_name!r} has no LoRA scheme {scheme!r} (known: {sorted(targets)})")
+    return list(targets[scheme])
+
+
+def load_backend(path: str, family: str = "auto", frozen_dtype: torch.dtype = torch.float32) -> DiffusionBackend:
+    """The backend of the pipeline at ``path``; ``family`` ``auto`` reads it from model_index.json."""
+    fam = get_family(detect_family(path) if family == "auto" else family)
+    backend = fam.backend_class().from_pretrained(path, frozen_dtype)
+    backend.family_spec = fam
+    backend.default_sampler = fam.default_sampler
+    return backend
+
+
+def family_of(backend: DiffusionBackend) -> Optional[Family]:
+    return getattr(backend, "family_spec", None) or FAMILIES.get(backend.family)
