@@ -36,6 +36,7 @@ INSTALL_REQUIRES = [
     "megatron-core>=0.16.1; python_version >= '3.12'",
     "open_clip_torch>=2.24",
     "lpips>=0.1.4",
+    "webdataset>=0.2.48",  # NeMo-Aligner's DRaFT+ prompt shards (.tar); version pinned in constraints.txt
     "tqdm",
     "matplotlib",
     "tensorboard",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 EXIT_BAD_INPUT = 2
 
@@ -47,6 +47,17 @@ class ConfigError(InputError):
 
     def __str__(self) -> str:
         return "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+def found(*checks: Tuple[Sequence, str]) -> str:
+    """The descriptions of the checks that found something, joined by ``"; "`` (empty when none did):
+    each check is ``(what it found, how to say it)``."""
+    return "; ".join(text for items, text in checks if len(items))
+
+
+def some(items: Sequence, what: str, limit: int = 10) -> str:
+    """``"N what, e.g. [the first ones]"``."""
+    return f"{len(items)} {what}, e.g. {list(items)[:limit]}"
 
 
 def _from_line(line: str) -> InputError:

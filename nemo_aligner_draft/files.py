@@ -90,13 +90,20 @@ def atomic_save_image(image, path: str) -> None:
 # --------------------------------------------------------------------------- safe reads
 def checkpoint_safe_globals() -> list:
     """The non-tensor classes a checkpoint of ours (or of NeMo's ModelPT) holds: OmegaConf containers,
-    their nodes and metadata, and plain containers."""
+    their nodes and metadata, and plain containers. ModelPT saves its cfg with
+    ``save_hyperparameters("cfg")``, so a NeMo / NeMo-Aligner Lightning ``.ckpt`` carries an OmegaConf
+    DictConfig in ``hyper_parameters``; OmegaConf keeps ``pathlib.Path`` values as such (PathNode), which
+    unpickle as ``pathlib.PosixPath`` / ``WindowsPath`` — plain data, built from their string parts."""
+    import pathlib
+
     from omegaconf import DictConfig, ListConfig, nodes
     from omegaconf.base import ContainerMetadata, Metadata
 
+    value_nodes = [getattr(nodes, n) for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode",
+                                              "BytesNode", "PathNode") if hasattr(nodes, n)]
     return [DictConfig, ListConfig, ContainerMetadata, Metadata, typing.Any, collections.defaultdict, dict, list,
-            int, float, str, bool, nodes.AnyNode, nodes.StringNode, nodes.IntegerNode, nodes.FloatNode,
-            nodes.BooleanNode]
+            int, float, str, bool, *value_nodes, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+            pathlib.PureWindowsPath]
 
 
 def allow_checkpoint_globals() -> None:

@@ -94,15 +94,45 @@ def check_pipeline_dir(path: str) -> dict:
         return json.load(f)
 
 
-def lora_config(rank: int, alpha: float, target_modules: Sequence[str]):
+def lora_config(rank: int, alpha: Optional[float], target_modules: Sequence[str]):
     """The peft ``LoraConfig`` of every LoRA adapter the package builds. Training, export (which rebuilds
-    a run's adapter to load its weights) and import share it, so an adapter means the same everywhere."""
+    a run's adapter to load its weights) and import share it, so an adapter means the same everywhere.
+
+    ``alpha`` is NeMo's ``model.peft.lora_tuning.network_alpha``. NeMo scales the adapter output by
+    ``network_alpha / adapter_dim`` when network_alpha is set and by 1 when it is null (or 0): NeMo v2.1.0
+    ``LinearWrapper.forward``, nemo/collections/multimodal/modules/stable_diffusion/attention.py:235-238
+    (the ParallelLinearAdapter's own ``alpha`` is never set by SDLoraPEFTConfig, so its factor
+    ``alpha / dim`` is 1: parallel_adapters.py:187, 358). peft scales by ``lora_alpha / r``, so null
+    becomes ``lora_alpha = r``."""
     from peft import LoraConfig
 
     if rank <= 0:
         raise ValueError(f"LoRA rank must be > 0, got {rank}")
-    return LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=list(target_modules),
+    lora_alpha = float(alpha) if alpha else float(rank)
+    return LoraConfig(r=int(rank), lora_alpha=lora_alpha, target_modules=list(target_modules),
                       init_lora_weights=True)
+
+
+# NeMo's ParallelLinearAdapter initialisers (``_get_init_fn``, NeMo v2.1.0
+# nemo/collections/nlp/modules/common/megatron/adapters/parallel_adapters.py:292-303): ``column_init_method``
+# initialises linear_in (peft's lora_A, [r, in]), ``row_init_method`` linear_out (lora_B, [out, r]).
+NEMO_INIT_METHODS = ("xavier", "normal", "kaiming", "zero")
+
+
+def nemo_adapter_init_(weight: torch.Tensor, method: str) -> torch.Tensor:
+    """Initialise one adapter factor in place as NeMo's ``init_method`` of that name does."""
+    import math
+
+    if method == "xavier":
+        return torch.nn.init.xavier_normal_(weight)
+    if method == "normal":
+        return torch.nn.init.normal_(weight, mean=0.0, std=0.2)  # init_method_normal(0.2)
+    if method == "kaiming":
+        return torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if method == "zero":
+        return torch.nn.init.constant_(weight, 0.0)
+    raise ValueError(f"LoRA init method must be one of {list(NEMO_INIT_METHODS)} (NeMo's "
+                     f"column_init_method/row_init_method), got {method!r}")
 
 
 class DiffusionBackend:
@@ -149,7 +179,7 @@ class DiffusionBackend:
         """One call of the denoising network; UNets take ``sample``/``timestep`` and the conditioning."""
         return net(sample=x, timestep=t, **conditioning).sample
 
-    def set_resolution(self, height: int, width: int) -> None:
+    def set_resolution(self, height: int, width: int, original=None, crop=(0, 0)) -> None:
         """Families whose conditioning depends on the output size (SDXL's time ids) override this."""
 
     # ----------------------------------------------------------------- prompts
@@ -241,16 +271,51 @@ class DiffusionBackend:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ----------------------------------------------------------------- adapters
-    def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> List[torch.nn.Parameter]:
-        """Insert peft LoRA adapters into ``net`` (B initialised to zero: the policy starts equal to the
-        reference); returns the adapter parameters, kept in fp32."""
+    def add_lora(self, rank: int, alpha: Optional[float], target_modules: Sequence[str],
+                 column_init_method: str = "normal", row_init_method: str = "zero",
+                 dropout: float = 0.0) -> List[torch.nn.Parameter]:
+        """Insert LoRA adapters into ``net`` as NeMo's SDLoraPEFTConfig does; returns the adapter
+        parameters, kept in fp32.
+
+        Initialisation is NeMo's, not peft's: lora_A (linear_in) by ``column_init_method`` and lora_B
+        (linear_out) by ``row_init_method``, with SDLoraPEFTConfig's defaults ``"normal"`` (N(0, 0.2²))
+        and ``"zero"`` (NeMo v2.1.0 nemo/collections/nlp/parts/peft_config.py:404-405; NeMo-Aligner's
+        draftp_sd.yaml sets ``column_init_method: xavier``). With lora_B = 0 the policy starts equal to the
+        reference. ``alpha``: NeMo's network_alpha, None meaning no scaling (see :func:`lora_config`).
+
+        ``dropout``: NeMo's ``adapter_dropout``, applied where NeMo applies it — to the adapter's output
+        (``dropout_position='post'``, the ParallelLinearAdapterConfig default SDLoraPEFTConfig keeps;
+        parallel_adapters.py:355-356), not to its input as peft's ``lora_dropout`` would."""
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        for method in (column_init_method, row_init_method):
+            if method not in NEMO_INIT_METHODS:
+                raise ValueError(f"LoRA init method must be one of {list(NEMO_INIT_METHODS)} (NeMo's "
+                                 f"column_init_method/row_init_method), got {method!r}")
         self.net.add_adapter(lora_config(rank, alpha, target_modules))
-        params = [p for n, p in self.net.named_parameters() if "lora_" in n]
-        if not params:
+        named = [(n, p) for n, p in self.net.named_parameters() if "lora_" in n]
+        if not named:
             raise ValueError(f"no module of the denoising network matched LoRA target_modules {list(target_modules)}")
-        for p in params:
-            p.requires_grad_(True)
-            p.data = p.data.float()
+        params = []
+        with torch.no_grad():
+            for name, p in named:
+                p.data = p.data.float()
+                if ".lora_A." in name:
+                    nemo_adapter_init_(p.data, column_init_method)
+                elif ".lora_B." in name:
+                    nemo_adapter_init_(p.data, row_init_method)
+                p.requires_grad_(True)
+                params.append(p)
+        if dropout:
+            from peft.tuners.lora import LoraLayer
+
+            def post_dropout(module, inputs, output, p=float(dropout)):
+                return torch.nn.functional.dropout(output, p=p, training=module.training)
+
+            for m in self.net.modules():
+                if isinstance(m, LoraLayer):
+                    for b in m.lora_B.values():
+                        b.register_forward_hook(post_dropout)
         return params
 
     def trainable_parameters(self) -> List[torch.nn.Parameter]:

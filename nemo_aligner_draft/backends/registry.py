@@ -19,11 +19,28 @@ import torch
 
 from .base import DiffusionBackend, check_pipeline_dir
 
-# NeMo-Aligner's "sdlora": the attention projections of every transformer block. "lora": attention and
-# the feed-forward linears of every transformer block.
+# NeMo's "sdlora" (``SDLoraPEFTConfig``, NeMo v2.1.0 nemo/collections/nlp/parts/peft_config.py:392) puts a
+# ParallelLinearAdapter on every ``LinearWrapper`` of the UNet (``_check_and_add_adapter``,
+# nemo/collections/multimodal/models/text_to_image/stable_diffusion/ldm/ddpm.py:2282-2295; every other
+# module is skipped). In nemo/collections/multimodal/modules/stable_diffusion/attention.py those are, in
+# each BasicTransformerBlock (one per transformer layer of every SpatialTransformer):
+#
+#   NeMo module (attention.py line)                         diffusers module
+#   attn1.to_q / attn2.to_q           (297)                 attn1.to_q / attn2.to_q
+#   attn1.to_k / attn2.to_k           (285)                 attn1.to_k / attn2.to_k
+#   attn1.to_v / attn2.to_v           (286)                 attn1.to_v / attn2.to_v
+#   attn1.to_out.0 / attn2.to_out.0   (299-301)             attn1.to_out.0 / attn2.to_out.0
+#   ff.net.1.proj  (GEGLU.proj, 106; FeedForward.net, 130)  ff.net.0.proj
+#   ff.net.3       (FeedForward.net, 130)                   ff.net.2
+#
+# Not adapted: proj_in/proj_out (plain nn.Linear / nn.Conv2d, 549/572), resnets, time embedding, VAE and
+# text encoder. The peft suffixes below match exactly these modules of a diffusers UNet2DConditionModel
+# (tests/export/test_nemo_lora.py asserts the list). "lora" is accepted as the same set: NeMo-Aligner's
+# "lora" maps to the GPT LoraPEFTConfig, which names no Stable Diffusion module.
+_NEMO_SD_LORA = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 _UNET_LORA = {
-    "sdlora": ["to_q", "to_k", "to_v", "to_out.0"],
-    "lora": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    "sdlora": list(_NEMO_SD_LORA),
+    "lora": list(_NEMO_SD_LORA),
 }
 
 

@@ -83,12 +83,14 @@ class SDXLBackend(SDBackend):
                              f"{cfg.addition_time_embed_dim} × {NUM_TIME_IDS} + text_encoder_2 projection_dim "
                              f"{proj} = {got}")
 
-    def set_resolution(self, height: int, width: int) -> None:
-        """Time ids for ``height × width`` pixel generations: (H, W, 0, 0, H, W)."""
+    def set_resolution(self, height: int, width: int, original=None, crop=(0, 0)) -> None:
+        """Time ids for ``height × width`` pixel generations: (orig_h, orig_w, crop_top, crop_left, H, W);
+        the original size defaults to the target size and the crop to (0, 0), diffusers' SDXL defaults."""
         h, w = int(height), int(width)
         if h <= 0 or w <= 0:
             raise ValueError(f"SDXL resolution must be positive, got {height}×{width}")
-        self.time_ids = (h, w, 0, 0, h, w)
+        oh, ow = (int(original[0]), int(original[1])) if original is not None else (h, w)
+        self.time_ids = (oh, ow, int(crop[0]), int(crop[1]), h, w)
         self._uncond_cache = None  # it holds the old time ids
 
     # ----------------------------------------------------------------- prompts

@@ -2,9 +2,10 @@
 
     nad-convert to-diffusers  RUN_OR_CKPT_OR_NEMO OUT_DIR  [--base DIR] [--lora-scale s]
     nad-convert to-lora       RUN_OR_CKPT_OR_NEMO OUT_DIR  [--base DIR]
-    nad-convert to-nemo       RUN_OR_CKPT_OR_NEMO_OR_DIFFUSERS OUT.nemo [--base DIR] [--layout ldm|nemo_hf]
+    nad-convert to-nemo       RUN_OR_CKPT_OR_NEMO_OR_DIFFUSERS OUT.nemo [--base DIR] [--layout nemo|ldm|nemo_hf]
     nad-convert from-nemo     NEMO_SD.nemo|.ckpt OUT_DIR --base DIR [--layout ldm|nemo_hf]
-    nad-convert from-nemo-lora NEMO_ALIGNER.nemo|.ckpt OUT_DIR --base DIR [--alpha A]
+    nad-convert from-nemo-lora NEMO_ALIGNER.nemo|.ckpt OUT_DIR --base DIR [--alpha A|null]
+    nad-convert to-nemo-lora  LORA_OR_RUN OUT.nemo|OUT.ckpt [--base DIR] [--with-init-model] [--fill-missing]
 
 Exit code 2 and one message on bad input; no output is left behind on failure.
 """
@@ -32,7 +33,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if name == "to-diffusers":
             s.add_argument("--lora-scale", type=float, default=1.0)
         if name == "to-nemo":
-            s.add_argument("--layout", default="ldm", choices=["ldm", "nemo_hf"])
+            s.add_argument("--layout", default="nemo", choices=["nemo", "ldm", "nemo_hf"],
+                           help="nemo (default): NeMo's module tree, what MegatronLatentDiffusion.restore_from "
+                                "loads; ldm / nemo_hf: the UNet+VAE key layouts of ldm_layout")
     s = sub.add_parser("from-nemo", help="NeMo Stable Diffusion .nemo/.ckpt -> diffusers pipeline dir")
     s.add_argument("source")
     s.add_argument("out")
@@ -43,9 +46,33 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     s.add_argument("source")
     s.add_argument("out")
     s.add_argument("--base", required=True, help="diffusers pipeline of the base model")
-    s.add_argument("--alpha", type=float, default=None,
-                   help="network_alpha of the run (default: from the .nemo config, else alpha = rank)")
+    s.add_argument("--alpha", type=_alpha, default=_UNSET,
+                   help="network_alpha of the run, or null (NeMo: no scaling); default: from the checkpoint's "
+                        "config (.nemo model_config.yaml or .ckpt hyper_parameters), else null")
+    s = sub.add_parser("to-nemo-lora", help="diffusers LoRA (or a LoRA run) -> NeMo-Aligner DRaFT+ adapters "
+                                            "(.nemo or .ckpt, what model.peft.restore_from_path loads)")
+    s.add_argument("source", help="pytorch_lora_weights.safetensors or its directory, or a run dir / *.ckpt / "
+                                  ".nemo of a nemo_aligner_draft LoRA run")
+    s.add_argument("out", help="OUT.nemo (NeMo archive) or OUT.ckpt ({'state_dict': adapters})")
+    s.add_argument("--base", default=None, help="diffusers pipeline dir (required for a LoRA file; default for a "
+                                                "run: its model.pretrained)")
+    s.add_argument("--with-init-model", action="store_true",
+                   help="also write the reference's init_model.* adapters (linear_out zero), as NeMo 1.x counts them")
+    s.add_argument("--fill-missing", action="store_true",
+                   help="write zero adapters (dW = 0) for LinearWrappers the LoRA does not adapt")
     return p.parse_args(argv)
+
+
+_UNSET = object()
+
+
+def _alpha(text: str):
+    if text.strip().lower() in ("null", "none", "~"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or null, got {text!r}") from None
 
 
 def run(args) -> str:
@@ -74,7 +101,13 @@ def _convert(args) -> str:
     if args.command == "from-nemo-lora":
         from ..export.from_nemo import import_nemo_lora
 
+        if args.alpha is _UNSET:
+            return import_nemo_lora(args.source, args.base, args.out)
         return import_nemo_lora(args.source, args.base, args.out, args.alpha)
+    if args.command == "to-nemo-lora":
+        from ..export.to_nemo_lora import export_nemo_lora
+
+        return export_nemo_lora(args.source, args.out, args.base, args.with_init_model, args.fill_missing)
     raise ValueError(args.command)
 
 

@@ -11,7 +11,7 @@ import json
 import os
 from typing import Callable, Dict, List
 
-from ..errors import InputError
+from ..errors import InputError, found
 
 BUILTIN_PROMPTS: Dict[str, Callable[[], List[str]]] = {}
 
@@ -84,13 +84,11 @@ def load_prompts(path: str, key: str = "model.data.train.dataset_path", max_char
         elif len(text) > max_chars:
             long_.append(n)
         prompts.append(text)
-    problems = []
-    if blank:
-        problems.append(f"blank prompt on line(s) {_line_ranges(blank)}")
-    if long_:
-        problems.append(f"prompt longer than model.data.max_prompt_chars={max_chars} on line(s) {_line_ranges(long_)}")
+    problems = found((blank, f"blank prompt on line(s) {_line_ranges(blank)}"),
+                     (long_, f"prompt longer than model.data.max_prompt_chars={max_chars} on line(s) "
+                             f"{_line_ranges(long_)}"))
     if problems:
-        raise InputError(key, f"{path}: " + "; ".join(problems))
+        raise InputError(key, f"{path}: {problems}")
     if not prompts:
         raise InputError(key, f"prompt file {path!r} is empty")
     return prompts

@@ -14,14 +14,20 @@ from typing import Callable, Iterator, List
 import torch
 
 
+
+def check_round(num_prompts: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
+    """One round (a micro-batch on every data-parallel rank) must fit in the prompts; ``dp_rank`` must
+    be one of the ranks."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+    if num_prompts < micro_batch_size * dp_size:
+        raise ValueError(f"{num_prompts} prompts cannot fill one round of micro_batch_size × data-parallel "
+                         f"size = {micro_batch_size} × {dp_size}")
+
 class PromptSampler:
     def __init__(self, num_prompts: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  consumed_samples: Callable[[], int], shuffle: bool = True, length: int = 2**62):
-        if num_prompts < micro_batch_size * dp_size:
-            raise ValueError(f"{num_prompts} prompts cannot fill one round of micro_batch_size × data-parallel "
-                             f"size = {micro_batch_size} × {dp_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        check_round(num_prompts, micro_batch_size, dp_rank, dp_size)
         self.num_prompts = num_prompts
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank

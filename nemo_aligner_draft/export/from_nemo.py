@@ -1,7 +1,7 @@
 """NeMo → diffusers: a NeMo Stable Diffusion checkpoint to a diffusers pipeline directory
 (``nad-convert from-nemo``), and NeMo-Aligner DRaFT+ LoRA adapters (``ParallelLinearAdapter``
-``linear_in`` [r, in] / ``linear_out`` [out, r], output scaled by alpha/r) to a diffusers LoRA file
-(``nad-convert from-nemo-lora``).
+``linear_in`` [r, in] / ``linear_out`` [out, r], output scaled by network_alpha/r, or 1 when null;
+key layout in :mod:`.nemo_adapters`) to a diffusers LoRA file (``nad-convert from-nemo-lora``).
 
 The architecture, text encoder, tokenizer and scheduler come from ``base``, a diffusers pipeline of the
 same model; every key and shape is checked against it before anything is written.
@@ -9,10 +9,7 @@ same model; every key and shape is checked against it before anything is written
 from __future__ import annotations
 
 import os
-import re
-from typing import Dict, Optional
-
-import torch
+from typing import Optional
 
 from ..backends import detect_family, get_family
 from ..backends.base import lora_config
@@ -22,10 +19,10 @@ from .ldm_layout import (
     ConversionError,
     strip_prefix,
     unet_from_nemo,
-    unet_key_map,
     vae_from_nemo,
 )
 from .lora import WEIGHT_NAME, save_lora_file
+from .nemo_adapters import network_alpha_of, nemo_to_peft
 from .output import atomic_output, write_pipeline
 from .read import check_pipeline, load_denoiser, read_nemo_archive
 
@@ -58,67 +55,39 @@ def import_nemo(path: str, base: str, out_dir: str, layout: Optional[str] = None
     return write_pipeline(base, out_dir, replaced)
 
 
-_ADAPTER = re.compile(r"^(?P<module>.+?)\.adapter_layer\.[^.]+\.linear_(?P<which>in|out)\.weight$")
+_UNSET = object()
 
 
-def nemo_lora_to_diffusers(weights: Dict[str, torch.Tensor], unet_config, unet_keys, alpha: Optional[float]):
-    """NeMo-Aligner ``ParallelLinearAdapter`` weights → (peft LoRA state dict, LoraConfig).
-
-    NeMo computes y = W x + (alpha/r)·linear_out(linear_in(x)); with lora_A = linear_in ``[r, in]``,
-    lora_B = linear_out ``[out, r]`` and peft's scale lora_alpha/r the update ΔW = (alpha/r)·B A is
-    the same. ``alpha`` None means NeMo's default alpha = r.
-    """
-    found: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, value in weights.items():
-        m = _ADAPTER.match(key)
-        if m is not None:  # other keys (base weights, where saved) are not adapters
-            found.setdefault(m["module"], {})[m["which"]] = value
-    if not found:
-        raise ConversionError(f"no NeMo adapter weights ('<module>.adapter_layer.<name>.linear_in.weight') among "
-                              f"{len(weights)} keys, e.g. {sorted(weights)[:10]}")
-    inv = {v: k for k, v in unet_key_map(unet_keys, unet_config, "ldm").items()}
-    state, bad, ranks = {}, [], set()
-    for module, pair in found.items():
-        stripped = next((module[len(p):] for p in UNET_PREFIXES if p and module.startswith(p)), module)
-        # NeMo attaches the output projection's adapter to the to_out Sequential, diffusers to to_out.0
-        target = inv.get(stripped + ".weight") or inv.get(stripped + ".0.weight")
-        if target is None or set(pair) != {"in", "out"}:
-            bad.append(module)
-            continue
-        a, b = pair["in"], pair["out"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            bad.append(f"{module}: linear_in {tuple(a.shape)}, linear_out {tuple(b.shape)}")
-            continue
-        name = target[: -len(".weight")]
-        state[f"{name}.lora_A.weight"] = a.float().contiguous()
-        state[f"{name}.lora_B.weight"] = b.float().contiguous()
-        ranks.add(int(a.shape[0]))
-    if bad:
-        raise ConversionError(f"{len(bad)} NeMo adapters do not map onto the base UNet (unknown module, missing "
-                              f"linear_in/linear_out or inconsistent rank), e.g. {bad[:10]}")
-    if len(ranks) != 1:
-        raise ConversionError(f"NeMo adapters have different ranks {sorted(ranks)}; expected one adapter_dim")
-    r = ranks.pop()
-    targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-    return state, lora_config(r, alpha if alpha is not None else r, targets)
+def resolve_network_alpha(config: dict, alpha=_UNSET) -> Optional[float]:
+    """NeMo's network_alpha of a run: ``alpha`` when given (None meaning null), else the checkpoint
+    config's ``peft.lora_tuning.network_alpha``, else null (NeMo-Aligner's draftp_sd.yaml default)."""
+    if alpha is not _UNSET:
+        return None if alpha in (None, 0) else float(alpha)
+    _, value = network_alpha_of(config)
+    return value
 
 
-def import_nemo_lora(path: str, base: str, out_dir: str, alpha: Optional[float] = None) -> str:
-    """NeMo-Aligner DRaFT+ LoRA (``.nemo`` or ``.ckpt``) → ``out_dir/pytorch_lora_weights.safetensors``.
-    ``alpha``: the run's ``model.peft.lora_tuning.network_alpha`` (read from the .nemo config if omitted)."""
+def import_nemo_lora(path: str, base: str, out_dir: str, alpha=_UNSET) -> str:
+    """NeMo-Aligner DRaFT+ LoRA (``.nemo``, Lightning ``.ckpt`` or bare state dict) →
+    ``out_dir/pytorch_lora_weights.safetensors``.
+
+    The policy adapters (``model.model.diffusion_model.*``: attention and feed-forward LinearWrappers)
+    become peft factors lora_A = linear_in, lora_B = linear_out, bit for bit; the reference's
+    ``init_model.*`` adapters are checked and dropped (see :mod:`.nemo_adapters`). ``alpha``: the run's
+    network_alpha, None for null; by default read from the checkpoint's config (the ``.nemo``
+    model_config.yaml or the ``.ckpt`` hyper_parameters), else null (scale 1)."""
     base = check_pipeline(base, "--base")
     config, weights = read_nemo_archive(path)
-    if alpha is None:
-        alpha = ((config.get("peft") or {}).get("lora_tuning") or {}).get("network_alpha")
+    network_alpha = resolve_network_alpha(config, alpha)
     family = detect_family(base)
     unet = load_denoiser(base, family)
-    own = unet.state_dict()
-    state, lcfg = nemo_lora_to_diffusers(weights, unet.config, own.keys(), alpha)
-    shapes = [f"{k}: {tuple(v.shape)}" for k, v in state.items()
-              if (k.endswith("lora_A.weight") and v.shape[1] != own[k.rsplit(".lora_", 1)[0] + ".weight"].shape[1])
-              or (k.endswith("lora_B.weight") and v.shape[0] != own[k.rsplit(".lora_", 1)[0] + ".weight"].shape[0])]
-    if shapes:
-        raise ConversionError(f"{len(shapes)} adapter factors do not fit the base UNet's layers, e.g. {shapes[:10]}")
+    state, rank, _ = nemo_to_peft(weights, unet)
+    lt = ((config.get("peft") or {}).get("lora_tuning") or {}) if isinstance(config, dict) else {}
+    if lt.get("adapter_dim") not in (None, rank):
+        raise ConversionError(f"{path!r}: the config says adapter_dim={lt['adapter_dim']}, "
+                              f"the adapters have rank {rank}")
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    lcfg = lora_config(rank, network_alpha, targets)
     with atomic_output(out_dir, is_dir=True) as tmp:
         save_lora_file(tmp, state, lcfg.to_dict(), family)
     return os.path.join(out_dir, WEIGHT_NAME)

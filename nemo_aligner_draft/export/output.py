@@ -33,6 +33,21 @@ def atomic_output(path: str, is_dir: bool):
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def write_nemo_tar(tar_path: str, config: dict, weights: Dict[str, torch.Tensor]) -> None:
+    """A ``.nemo`` file as NeMo's ``SaveRestoreConnector`` packs one: an uncompressed tar of ``./``
+    holding ``model_config.yaml`` and ``model_weights.ckpt`` (a ``torch.save``d state dict)."""
+    import tarfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as work:
+        with open(os.path.join(work, "model_config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        torch.save(weights, os.path.join(work, "model_weights.ckpt"))
+        with tarfile.open(tar_path, "w:") as tar:
+            tar.add(work, arcname=".")
+
+
 def write_pipeline(base: str, out_dir: str, replaced: Dict[str, torch.nn.Module]) -> str:
     """The diffusers pipeline directory ``base`` copied to ``out_dir``, with each component of
     ``replaced`` (subfolder → diffusers model) saved in place of the original."""

@@ -1,6 +1,7 @@
 """Reading what the converters start from: our training outputs (a run directory, its ``*.ckpt``, our
-``.nemo``), NeMo Stable Diffusion archives (``.nemo`` tar of ``model_config.yaml`` +
-``model_weights.ckpt``, or a bare ``.ckpt``) and the diffusers pipeline directory they refer to.
+``.nemo``), NeMo / NeMo-Aligner archives (``.nemo`` tar of ``model_config.yaml`` +
+``model_weights.ckpt``, a Lightning ``.ckpt`` with its OmegaConf ``hyper_parameters``, or a bare state
+dict) and the diffusers pipeline directory they refer to.
 
 Nothing here writes; every problem is raised before a converter creates its output.
 """
@@ -20,14 +21,9 @@ from ..files import safe_torch_load
 from .ldm_layout import ConversionError
 
 
-def _load_weights(fileobj_or_path) -> Dict[str, torch.Tensor]:
-    state = torch.load(fileobj_or_path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ConversionError("checkpoint is not a state dict of tensors (expected a dict, or a dict with "
-                              "'state_dict')")
-    return state
+# What peft_scheme sdlora adapted before it followed NeMo's SDLoraPEFTConfig (attention projections only):
+# checkpoints of such runs still convert.
+LEGACY_SDLORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def load_lightning_checkpoint(path: str) -> dict:
@@ -35,23 +31,81 @@ def load_lightning_checkpoint(path: str) -> dict:
     return safe_torch_load(path, what="checkpoint")
 
 
+def _tensor_state(obj, what: str) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ConversionError(f"{what} is not a state dict of tensors (expected a dict, or a dict with 'state_dict')")
+    return obj
+
+
+def _plain(node):
+    """An OmegaConf container (a Lightning checkpoint's ``hyper_parameters``) as plain dicts and lists."""
+    from omegaconf import Container, OmegaConf
+
+    if isinstance(node, Container):
+        try:
+            return OmegaConf.to_container(node, resolve=True)
+        except Exception:  # an interpolation that pointed outside the saved node
+            return OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    return node
+
+
+def checkpoint_config(raw) -> dict:
+    """The model config of a Lightning checkpoint: ModelPT saves its cfg with
+    ``save_hyperparameters("cfg")`` (NeMo v2.1.0 nemo/core/classes/modelPT.py:133), which Lightning
+    writes as ``hyper_parameters["cfg"]`` (an OmegaConf DictConfig)."""
+    hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+    if not isinstance(hp, dict) and not _is_container(hp):
+        return {}
+    cfg = _plain(hp)
+    cfg = cfg.get("cfg", cfg) if isinstance(cfg, dict) else {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _is_container(obj) -> bool:
+    from omegaconf import Container
+
+    return isinstance(obj, Container)
+
+
 def read_nemo_archive(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    """(model_config dict, weights) of a ``.nemo`` tar, or ({}, weights) of a bare ``.ckpt``."""
+    """(model config dict, weights) of a ``.nemo`` tar, or of a ``.ckpt`` (a Lightning checkpoint: its
+    ``hyper_parameters`` cfg; a bare state dict: ``{}``). Every file is read with ``weights_only=True``
+    through the package's one allow-list (:func:`..files.safe_torch_load`)."""
     import yaml
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} does not exist")
     if not tarfile.is_tarfile(path):
-        return {}, _load_weights(path)
-    with tarfile.open(path) as tar:
-        # NeMo writes members as "./name", other tools as "name": match on the base name.
-        members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+        raw = safe_torch_load(path, what="checkpoint")
+        return checkpoint_config(raw), _tensor_state(raw, repr(path))
+    with tarfile.open(path) as tar:  # NeMo writes "w:" (save_restore_connector.py:591); old .nemo are gzipped
+        # NeMo writes members as "./name" (tar.add(dir, arcname=".")), other tools as "name": match base names
+        found: Dict[str, list] = {}
+        for m in tar.getmembers():
+            if m.isfile():
+                found.setdefault(os.path.basename(m.name), []).append(m)
         for need in ("model_config.yaml", "model_weights.ckpt"):
-            if need not in members:
-                raise ConversionError(f"{path!r}: .nemo archive has no {need} (members: {sorted(members)[:10]})")
-        config = yaml.safe_load(tar.extractfile(members["model_config.yaml"]).read()) or {}
-        weights = _load_weights(io.BytesIO(tar.extractfile(members["model_weights.ckpt"]).read()))
-    return config, weights
+            if need not in found:
+                hint = (" (a distributed checkpoint: model_weights/ is a directory, not supported)"
+                        if need == "model_weights.ckpt" and any(m.name.rstrip("/").endswith("model_weights")
+                                                                 for m in tar.getmembers()) else "")
+                raise ConversionError(f"{path!r}: .nemo archive has no {need}{hint} (members: {sorted(found)[:10]})")
+            if len(found[need]) > 1:
+                raise ConversionError(f"{path!r}: .nemo archive has {len(found[need])} {need} "
+                                      f"({[m.name for m in found[need]]}): a model-parallel checkpoint, not supported")
+        config = yaml.safe_load(tar.extractfile(found["model_config.yaml"][0]).read()) or {}
+        data = io.BytesIO(tar.extractfile(found["model_weights.ckpt"][0]).read())
+    try:
+        raw = safe_torch_load(data, what="model_weights.ckpt")
+    except InputError as e:
+        raise ConversionError(f"{path!r}: {e.message}") from e
+    return config, _tensor_state(raw, f"{path!r}: model_weights.ckpt")
 
 
 def check_pipeline(base: Optional[str], what: str) -> str:
@@ -126,14 +180,18 @@ def load_trained_unet(path: str, base: Optional[str] = None):
     defaults = PeftConfig()
     peft = mcfg.get("peft", {}) or {}
     scheme = peft.get("peft_scheme", defaults.peft_scheme)
+    # the training module registers the network as its ``unet`` attribute, whatever the family
+    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
     if scheme != "none":
         lt = peft.get("lora_tuning", {}) or {}
         targets = lt.get("target_modules") or lora_targets(family, scheme)
+        adapted = {k.split(".lora_")[0] for k in unet_state if ".lora_A." in k}
+        if not lt.get("target_modules") and scheme == "sdlora" and adapted and \
+                not any(".ff.net." in m for m in adapted):
+            targets = LEGACY_SDLORA_TARGETS  # a run from before sdlora adapted the feed-forward too
         unet.add_adapter(lora_config(lt.get("adapter_dim", defaults.lora_tuning.adapter_dim),
                                      lt.get("network_alpha", defaults.lora_tuning.network_alpha), targets))
     own = unet.state_dict()
-    # the training module registers the network as its ``unet`` attribute, whatever the family
-    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
     wanted = [k for k in own if "lora_" in k] if scheme != "none" else list(own)
     missing = sorted(k for k in wanted if k not in unet_state)
     unexpected = sorted(k for k in unet_state if k not in own)

@@ -68,7 +68,7 @@ def test_lora_export_from_ckpt_and_nemo_equals_the_runs_export(run_dir, tmp_path
     assert any(v.abs().max() > 0 for k, v in reference.items() if "lora_B" in k)  # trained, not the zero init
 
 
-@pytest.mark.parametrize("layout", ["ldm", "nemo_hf"])
+@pytest.mark.parametrize("layout", ["nemo", "ldm", "nemo_hf"])
 def test_nemo_export_then_import_is_the_identity(run_dir, tiny_sd_dir, tmp_path, layout):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -102,9 +102,9 @@ def test_nemo_aligner_lora_import_matches_parallel_linear_adapter(tiny_sd_dir, t
         if not key.endswith((".to_q.weight", ".to_v.weight", ".to_out.0.weight")):
             continue
         w = unet.state_dict()[key]
+        # NeMo's adapter sits on the LinearWrapper itself: to_out.0, not the to_out Sequential
+        # (attention.py:299-301); attention modules keep their names in NeMo's tree
         module = "model.model.diffusion_model." + ldm[: -len(".weight")]
-        if module.endswith(".to_out.0"):
-            module = module[: -len(".0")]  # NeMo attaches the adapter to the to_out Sequential
         a, b = torch.randn(r, w.shape[1], generator=g), torch.randn(w.shape[0], r, generator=g)
         nemo[f"{module}.adapter_layer.parallel_linear_adapter.linear_in.weight"] = a
         nemo[f"{module}.adapter_layer.parallel_linear_adapter.linear_out.weight"] = b
@@ -198,3 +198,25 @@ def test_sdxl_pipeline_to_nemo_and_back(tmp_path):
 
     _, weights = read_nemo_archive(str(tmp_path / "xl.nemo"))
     assert "model.model.diffusion_model.label_emb.0.0.weight" in weights  # SDXL's added conditioning
+
+
+def test_a_run_from_before_sdlora_adapted_the_feed_forward_still_converts(run_dir, tmp_path):
+    """sdlora used to adapt the attention projections only; such checkpoints (no ff.net adapters)
+    still convert, with exactly their own adapters."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from nemo_aligner_draft.files import safe_torch_load
+
+    old = tmp_path / "old_run"
+    (old / "checkpoints").mkdir(parents=True)
+    shutil.copy(os.path.join(run_dir, "config.yaml"), old / "config.yaml")
+    ckpt = next(f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if f.endswith("-last.ckpt"))
+    raw = safe_torch_load(os.path.join(run_dir, "checkpoints", ckpt))
+    raw["state_dict"] = {k: v for k, v in raw["state_dict"].items() if ".ff.net." not in k}
+    torch.save(raw, old / "checkpoints" / "step=2-last.ckpt")
+    out = str(tmp_path / "lora")
+    assert convert(["to-lora", str(old), out]) == 0
+    got = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert len(got) == 2 * 4 * 8 and not any(".ff.net." in k for k in got)  # 4 blocks x 8 attention linears
