@@ -31,24 +31,47 @@ _READS: Optional[Set[str]] = None
 
 # --------------------------------------------------------------------------- declaring fields
 def setting(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, choices=None, ge=None, gt=None,
-            le=None, lt=None, multiple_of=None, expected: Optional[str] = None, aliases: Sequence[str] = (),
+            le=None, lt=None, multiple_of=None, expected: Optional[str] = None,
+            aliases: Union[Sequence[str], Dict[str, Optional[Callable]]] = (), convert: Optional[Callable] = None,
             doc: str = "") -> Any:
     """A section field: its default and the constraints its value must meet.
 
     ``choices`` may be a callable (evaluated at validation time, for registries). ``expected`` replaces
-    the generated wording of a range or choice problem. ``aliases`` are other key names accepted for it."""
+    the generated wording of a range or choice problem. ``aliases`` are other keys accepted for it: a
+    plain name is another key of the same section; a dotted key is a path from the root of the tree
+    (another project's name for the same thing, e.g. NeMo-Aligner's ``model.sampling.base.steps``). A
+    mapping gives each alias a converter from the alias's value to the field's (it may raise
+    ``ValueError`` with a message saying what it accepts); ``convert`` does the same for the field's own
+    key (another project's spelling of the value under the same name)."""
+    alias_map = dict(aliases) if isinstance(aliases, dict) else {a: None for a in aliases}
     meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "multiple_of": multiple_of,
-            "expected": expected, "aliases": tuple(aliases), "doc": doc}
+            "expected": expected, "aliases": tuple(a for a in alias_map if "." not in a),
+            "moved_from": {a: c for a, c in alias_map.items() if "." in a}, "converters": alias_map, "convert": convert,
+            "doc": doc}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
+ANY_VALUE = type("AnyValue", (), {"__repr__": lambda self: "any value"})()
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """A key accepted without an effect here (another project's key that means nothing in this one).
+    With ``only`` set, any other value is a problem: accepting it silently would change results."""
+
+    reason: str
+    only: Any = ANY_VALUE
+
+
 class Section:
     """Base of every config dataclass. ``_path`` is its dotted key ("model.infer"); reads of its fields
-    are recorded while :func:`track_reads` is active."""
+    are recorded while :func:`track_reads` is active. ``notices`` lists keys of this section that are
+    accepted with a notice (:class:`Notice`)."""
 
     _path: str = ""
+    notices: typing.ClassVar[Dict[str, Notice]] = {}
 
     def __post_init__(self):
         object.__setattr__(self, "_extra", {})
@@ -201,6 +224,9 @@ def _build(cls, raw: Dict, path: str, problems: List[Tuple[str, str]]):
     given: Dict[str, str] = {}  # field name -> the key the config used for it
     for k, v in raw.items():
         name = k if k in fields or k in extras else alias_of.get(k)
+        if name is None and k in cls.notices:
+            _notice(cls.notices[k], _join(path, str(k)), v, problems)
+            continue
         if name is None:
             known = sorted([*fields, *extras])
             problems.append((_join(path, str(k)), f"unknown key (known keys here: {', '.join(known)})"))
@@ -210,6 +236,20 @@ def _build(cls, raw: Dict, path: str, problems: List[Tuple[str, str]]):
             continue
         given[name] = str(k)
         key = _join(path, name)
+        if name not in fields:
+            converter = None
+        elif k != name:
+            converter = fields[name].metadata.get("converters", {}).get(k)
+        else:
+            converter = fields[name].metadata.get("convert")
+        if converter is not None:
+            try:
+                v = converter(v)
+            except (ValueError, TypeError, KeyError) as e:
+                problems.append((_join(path, str(k)), str(e)))
+                continue
+            if v is _SKIP:
+                continue
         if name in extras:
             extra_values[name] = None if v is None else _convert(extras[name], v, key, problems)
         else:
@@ -290,15 +330,137 @@ def _check_node(node: Section, problems: List[Tuple[str, str]], skip: Set[str] =
             problems.append((key, message))
 
 
-def validate_tree(cls, raw: Dict, path: str = "") -> Tuple[Optional[Section], List[Tuple[str, str]]]:
-    """Build ``cls`` from ``raw`` and check it; returns (tree, every problem as (key, message)).
+_NOTICES: Optional[List[Tuple[str, str]]] = None
+
+
+def _notice(notice: Notice, key: str, value, problems: List[Tuple[str, str]]) -> None:
+    only = notice.only
+    if only is not ANY_VALUE and value != only and not (isinstance(only, (list, tuple)) and value in only):
+        shown = only if not isinstance(only, tuple) else " or ".join(map(repr, only))
+        problems.append((key, f"got {value!r}; only {shown!r} is supported here ({notice.reason})"))
+    elif _NOTICES is not None:
+        _NOTICES.append((key, notice.reason))
+
+
+def _moved_from(cls, path: str = "") -> Dict[str, Tuple[str, Optional[Callable], Optional[Callable]]]:
+    """Every dotted alias declared in the tree of ``cls``: alias path → (field path, the alias's converter,
+    the field's own converter)."""
+    out: Dict[str, Tuple[str, Optional[Callable], Optional[Callable]]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        key = _join(path, f.name)
+        for alias, conv in (f.metadata.get("moved_from") or {}).items():
+            out[alias] = (key, conv, f.metadata.get("convert"))
+        for tp in _section_types(hints[f.name]):
+            out.update(_moved_from(tp, key))
+    for name, tp in cls.extra_sections().items():
+        out.update(_moved_from(tp, _join(path, name)))
+    return out
+
+
+def _section_types(tp):
+    if isinstance(tp, type) and issubclass(tp, Section):
+        return [tp]
+    return [a for a in typing.get_args(tp) if isinstance(a, type) and issubclass(a, Section)]
+
+
+_ABSENT = object()
+
+
+def _pop(raw: Dict, dotted: str):
+    node = raw
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(p), dict):
+            return _ABSENT
+        node = node[p]
+    if not isinstance(node, dict) or parts[-1] not in node:
+        return _ABSENT
+    value = node.pop(parts[-1])
+    # a mapping the alias emptied is gone too, so its parent sees no stray empty key
+    return value
+
+
+def _prune(raw: Dict, dotted: str) -> None:
+    parts = dotted.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        node = raw
+        for p in parts[:depth - 1]:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        leaf = parts[depth - 1]
+        if isinstance(node, dict) and node.get(leaf) == {}:
+            del node[leaf]
+
+
+def _put(raw: Dict, dotted: str, value) -> Any:
+    node = raw
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {} if node.get(p) is None else node[p]
+        node = node[p]
+    previous = node.get(parts[-1], _ABSENT)
+    node[parts[-1]] = value
+    return previous
+
+
+def _apply_moved(cls, raw: Dict, path: str, problems: List[Tuple[str, str]]) -> Dict:
+    """Move the values of dotted aliases onto their fields (a copy of ``raw``; the original is untouched)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for alias, (target, conv, own) in sorted(_moved_from(cls, path).items()):
+        rel_alias = alias[len(path) + 1:] if path and alias.startswith(path + ".") else alias
+        rel_target = target[len(path) + 1:] if path and target.startswith(path + ".") else target
+        value = _pop(raw, rel_alias)
+        if value is _ABSENT:
+            continue
+        _prune(raw, rel_alias)
+        if conv is not None:
+            try:
+                value = conv(value)
+            except (ValueError, TypeError, KeyError) as e:
+                problems.append((alias, str(e)))
+                continue
+            if value is _SKIP:
+                continue
+        previous = _put(raw, rel_target, value)
+        if previous is not _ABSENT and previous is not None and own is not None:
+            try:
+                previous = own(previous)  # the field's placeholder (e.g. NeMo's [null]) is no value
+            except (ValueError, TypeError, KeyError):
+                pass
+        if previous is not _ABSENT and previous is not None and previous is not _SKIP and previous != value:
+            problems.append((alias, f"got {value!r}, but {target} is {previous!r}: give one of them"))
+    return raw
+
+
+_SKIP = object()  # a converter's "this value sets nothing" (e.g. NeMo-Aligner's placeholder [null])
+
+
+def skip() -> Any:
+    return _SKIP
+
+
+def validate_tree(cls, raw: Dict, path: str = "", notices: Optional[List[Tuple[str, str]]] = None,
+                  ) -> Tuple[Optional[Section], List[Tuple[str, str]]]:
+    """Build ``cls`` from ``raw`` and check it; returns (tree, every problem as (key, message)). Keys
+    accepted with a notice are appended to ``notices`` as (key, reason).
 
     The constraints and rules run even when some keys were unknown or mistyped (those fell back to
     their defaults), so one attempt reports every problem; rules that mention a broken key are left out."""
+    global _NOTICES
     problems: List[Tuple[str, str]] = []
     if not isinstance(raw, dict):
         return None, [(path or "<root>", f"got {type(raw).__name__}, expected a mapping")]
-    tree = _build(cls, raw, path, problems)
+    raw = _apply_moved(cls, raw, path, problems)
+    previous, _NOTICES = _NOTICES, (notices if notices is not None else [])
+    try:
+        tree = _build(cls, raw, path, problems)
+    finally:
+        _NOTICES = previous
     broken = {k for k, _ in problems}
     _check_node(tree, problems, broken)
     return tree, problems
@@ -317,5 +479,5 @@ def as_dict(node: Section) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["MISSING", "Section", "setting", "track_reads", "leaf_keys", "validate_tree", "as_dict", "type_name",
+__all__ = ["MISSING", "Notice", "Section", "setting", "skip", "track_reads", "leaf_keys", "validate_tree", "as_dict", "type_name",
            "Callable"]

@@ -92,6 +92,8 @@ class OptimizerStep:
         logs = {("train_loss" if k == "loss" else k): float(v) for k, v in metrics.items()}
         logs.update(grad_norm=float(grad_norm), lr=float(sched.get_last_lr()[0]), step_time=step_time,
                     consumed_samples=float(model.consumed_samples))
+        if "train_loss" in logs:  # NeMo-Aligner's name, for its checkpoint monitor and file names
+            logs["reduced_train_loss"] = logs["train_loss"]
         batch = model.mcfg.micro_batch_size
         model.log_dict(logs, prog_bar=False, on_step=True, batch_size=batch)
         if "reward_mean" in logs:

@@ -46,15 +46,23 @@ def compose(config_path: str, config_name: str, overrides: List[str]):
         known = sorted(f[:-5] for f in os.listdir(config_dir) if f.endswith(".yaml"))
         raise InputError("--config-name", f"no {name}.yaml in {config_dir} (there: {', '.join(known) or 'none'})")
     parser = OverridesParser.create()
-    for override in overrides:  # one at a time, so the message names the override that is malformed
+    overrides = list(overrides)
+    for i, override in enumerate(overrides):  # one at a time, so the message names the override that is malformed
         try:
-            parser.parse_overrides([override])
+            parsed = parser.parse_overrides([override])[0]
         except Exception as e:
             raise InputError(override, _first_line(e)) from None
+        if parsed.is_sweep_override():
+            # `key=a,b,c` is a multirun sweep to Hydra, and an error without --multirun; nothing here sweeps,
+            # and NeMo-Aligner's guide writes +weight_type='draft,base,power_2.0' (the shell drops the quotes)
+            # meaning the string: take it as the string
+            key, _, value = override.partition("=")
+            overrides[i] = f"{key}={_quote(value)}"
     log.info(f"config: {os.path.join(config_dir, name + '.yaml')}")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            overrides = _add_missing_keys(hydra_compose(config_name=name), overrides)
             return hydra_compose(config_name=name, overrides=list(overrides))
     except Exception as e:
         raise _composition_error(e, overrides) from None
@@ -70,6 +78,35 @@ def _validated(load_config, dict_cfg):
         return load_config(dict_cfg)
     except OmegaConfBaseException as e:
         raise InputError(str(getattr(e, "full_key", "") or "--config-name"), _first_line(e)) from None
+
+
+def _add_missing_keys(base, overrides: List[str]) -> List[str]:
+    """Hydra refuses to override a key the file does not have unless it is written ``+key=value``. A key the
+    typed config accepts (NeMo-Aligner's documented ``model.data.train.webdataset.local_root_path`` is not in
+    its own draftp_sd.yaml, for one) gets the ``+`` it needs; anything else is left to Hydra's message."""
+    from omegaconf import OmegaConf
+
+    from ..config.keys import accepted_key
+
+    def present(key: str) -> bool:  # a ??? value is present (OmegaConf.select would call it missing)
+        node = base
+        for part in key.split("."):
+            if not OmegaConf.is_dict(node) or part not in node.keys():
+                return False
+            node = node._get_node(part)
+        return True
+
+    out = []
+    for o in overrides:
+        key, sep, _ = o.partition("=")
+        if sep and not key.startswith(("+", "~")) and not present(key) and accepted_key(key):
+            o = "+" + o
+        out.append(o)
+    return out
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _first_line(e: BaseException) -> str:
@@ -119,12 +156,15 @@ def preflight(cfg) -> dict:
     Each step runs under :func:`attributed` with the key whose value it acts on, so whatever goes wrong
     in it (ours or a library's) is reported as an :class:`InputError` of that key."""
     from ..backends import detect_family
-    from ..data.prompts import load_prompts
+    from ..data.source import open_prompt_source
     from ..rewards.base import Reward
 
     m = cfg.model
-    with attributed("model.pretrained", "a diffusers pipeline", m.pretrained):
-        family = detect_family(m.pretrained)
+    if m.from_nemo_parts:  # NeMo-Aligner's parts: their files are checked when the model is built, before any run dir
+        family = m.family
+    else:
+        with attributed("model.pretrained", "a diffusers pipeline", m.pretrained):
+            family = detect_family(m.pretrained)
     if m.family not in ("auto", family):
         raise InputError("model.family", f"got {m.family!r}, but model.pretrained={m.pretrained!r} holds an "
                                          f"{family!r} pipeline (model_index.json); use model.family=auto")
@@ -140,7 +180,7 @@ def preflight(cfg) -> dict:
                          f"(expected a local torchvision AlexNet/VGG16 state dict file)")
     key = "model.data.train.dataset_path"
     with attributed(key, "prompts", m.data.train.dataset_path):
-        train = load_prompts(m.data.train.dataset_path, key, m.data.max_prompt_chars)
+        train = open_prompt_source(m.data.train.dataset_path, key, m.data.max_prompt_chars)  # list or webdataset
     world = world_size(cfg.trainer)
     if len(train) < m.micro_batch_size * world:
         raise InputError(key, f"{len(train)} prompt(s), fewer than one round of model.micro_batch_size × "
@@ -154,7 +194,7 @@ def preflight(cfg) -> dict:
     if m.data.validation.dataset_path:
         key = "model.data.validation.dataset_path"
         with attributed(key, "prompts", m.data.validation.dataset_path):
-            val = load_prompts(m.data.validation.dataset_path, key, m.data.max_prompt_chars)
+            val = open_prompt_source(m.data.validation.dataset_path, key, m.data.max_prompt_chars)
     reward = build_reward_from_config(cfg.rm)
     if not reward.differentiable and cfg.algorithm.differentiable_reward:
         raise InputError("rm.name", f"reward {reward.name!r} is not differentiable; model.algorithm={m.algorithm} "
@@ -162,6 +202,9 @@ def preflight(cfg) -> dict:
     assert isinstance(reward, Reward)
     with attributed("rm.name", "the reward"):
         probe_reward(reward, cfg)
+    resume = m.resume_from_checkpoint
+    if resume and not os.path.isfile(resume):
+        raise InputError("model.resume_from_checkpoint", f"{resume!r} does not exist")
     check_run_dir(cfg)
     return {"train": train, "val": val, "reward": reward}
 
@@ -212,8 +255,9 @@ def build_reward_from_config(rm):
     if rm.components and rm.name != "weighted_sum":
         raise InputError("rm.components", f"{len(rm.components)} rewards listed, but rm.name is {rm.name!r}; "
                                           f"components are only used with rm.name=weighted_sum")
+    name = rm.reward_name
     with attributed("rm.name"):
-        resolve_factory(rm.name)
+        resolve_factory(name)
     if rm.name == "weighted_sum":
         kwargs["components"] = [
             {"name": c.name, "weight": c.weight, "path": c.model.restore_from_path, "kwargs": dict(c.kwargs)}
@@ -231,7 +275,7 @@ def build_reward_from_config(rm):
     else:
         key = "rm.model.restore_from_path" if path else ("rm.kwargs" if kwargs else "rm.name")
     with attributed(key, "the reward", path):
-        return build_reward(rm.name, path=path, fp32=rm.fp32, **kwargs)
+        return build_reward(name, path=path, fp32=rm.fp32, **kwargs)
 
 
 # Set to a directory to have every rank write its trainable parameters, prompts and first latents
@@ -246,7 +290,7 @@ def build_trainer(cfg, max_steps: int, accumulation: int):
 
     t, loop = cfg.trainer, cfg.loop
     accelerator = "gpu" if t.accelerator == "cuda" else t.accelerator
-    strategy = build_strategy(t, accelerator)
+    strategy = build_strategy(t, accelerator, cfg.model.gradient_as_bucket_view)
     val_every = loop.val_check_interval * accumulation if loop.val_check_interval > 0 else None
     precision = t.precision if str(t.precision) != "32" else "32-true"
     callbacks = []
@@ -261,7 +305,7 @@ def build_trainer(cfg, max_steps: int, accumulation: int):
             enable_checkpointing=False, use_distributed_sampler=False, val_check_interval=val_every,
             check_val_every_n_epoch=None, limit_val_batches=loop.limit_val_batches if val_every else 0,
             num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, plugins=[AtomicCheckpointIO()],
-            enable_model_summary=False)
+            enable_model_summary=t.enable_model_summary, benchmark=t.benchmark)
     except Exception as e:  # Lightning refuses a combination: blame the trainer key its message names
         text = str(e).lower()
         words = {"accelerator": ("accelerator", "gpu", "cuda", "mps"), "devices": ("devices",),
@@ -270,7 +314,7 @@ def build_trainer(cfg, max_steps: int, accumulation: int):
         raise InputError(key, describe(e)) from e
 
 
-def build_strategy(t, accelerator: str):
+def build_strategy(t, accelerator: str, gradient_as_bucket_view: bool = True):
     """Lightning strategy for ``trainer.strategy``: DDP (gloo on CPU, NCCL on GPU) whenever the world
     has more than one process, FSDP on request. The gradient all-reduce is Lightning's, never ours."""
     import torch
@@ -286,30 +330,34 @@ def build_strategy(t, accelerator: str):
         # parameters; activation checkpointing is the model's own (model.activation_checkpointing)
         return FSDPStrategy(process_group_backend=backend, use_orig_params=True)
     if t.strategy == "ddp" or (t.strategy == "auto" and world_size(t) > 1):
-        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False,
+                           gradient_as_bucket_view=gradient_as_bucket_view)
     return t.strategy
 
 
-def exp_manager_config(cfg, monitor: str) -> dict:
+def exp_manager_config(cfg) -> dict:
     e, loop, run_name = cfg.exp_manager, cfg.loop, cfg.name
     ckpt = e.checkpoint_callback_params
+    monitor = ckpt.monitor
+    # NeMo-Aligner names a run's W&B run and project after the config's name unless told otherwise
+    wandb = {"name": e.name or run_name, "project": run_name, **e.wandb_logger_kwargs}
     return {
         "explicit_log_dir": e.explicit_log_dir,
         "exp_dir": e.exp_dir,
         "name": e.name or run_name,
         "use_datetime_version": False,
         "create_wandb_logger": e.create_wandb_logger,
-        "wandb_logger_kwargs": {"name": e.name or run_name, "project": run_name} if e.create_wandb_logger else None,
+        "wandb_logger_kwargs": wandb if e.create_wandb_logger else None,
         "create_tensorboard_logger": e.create_tensorboard_logger,
         "resume_if_exists": e.resume_if_exists,
-        "resume_ignore_no_checkpoint": True,
+        "resume_ignore_no_checkpoint": e.resume_ignore_no_checkpoint,
         "log_step_timing": False,
         "log_tflops_per_sec_per_gpu": False,
         "create_preemption_callback": False,
         "seconds_to_sleep": 0,
         "checkpoint_callback_params": {
             "monitor": monitor,
-            "mode": "min" if monitor == "train_loss" else "max",
+            "mode": "min",  # train_loss and reduced_train_loss are losses
             "save_top_k": ckpt.save_top_k,
             "save_last": ckpt.save_last,
             "filename": ckpt.filename,
@@ -320,7 +368,8 @@ def exp_manager_config(cfg, monitor: str) -> dict:
             "always_save_nemo": False,
             "save_nemo_on_train_end": True,
         },
-        "ema": {"enable": e.ema.enable, "decay": e.ema.decay},
+        "ema": {"enable": e.ema.enable, "decay": e.ema.decay, "validate_original_weights": e.ema.validate_original_weights,
+                "every_n_steps": e.ema.every_n_steps, "cpu_offload": e.ema.cpu_offload},
     }
 
 
@@ -335,7 +384,8 @@ def run(cfg, dict_cfg) -> str:
     inputs = preflight(cfg)
     torch.manual_seed(cfg.model.seed)
     accumulation = max(cfg.model.global_batch_size // (cfg.model.micro_batch_size * world_size(cfg.trainer)), 1)
-    max_steps = effective_max_steps(cfg.loop, cfg.trainer.max_steps, len(inputs["train"]), cfg.model.global_batch_size)
+    max_steps = effective_max_steps(cfg.loop, cfg.trainer.max_steps, len(inputs["train"]), cfg.model.global_batch_size,
+                                    infinite=cfg.model.data.webdataset.infinite_sampler)
     # The model attributes each step of its construction to the key it acts on (models/base.py);
     # "model" is the fallback for what no step claims.
     with attributed("model"):
@@ -355,12 +405,12 @@ def run(cfg, dict_cfg) -> str:
 
             for moved in tidy_checkpoint_dir(os.path.join(planned_log_dir(cfg), "checkpoints")):
                 log.warning(f"resume: set aside {moved} (left over from an interrupted run)")
-        log_dir = str(exp_manager(trainer, exp_manager_config(cfg, "train_loss")))
+        log_dir = str(exp_manager(trainer, exp_manager_config(cfg)))
         atomic_write_text(os.path.join(log_dir, "config.yaml"), OmegaConf.to_yaml(dict_cfg))
     report.log_dir = log_dir
     trainer.callbacks.append(report)
     model.set_trainer(trainer)
-    trainer.fit(model, ckpt_path=getattr(trainer, "ckpt_path", None))
+    trainer.fit(model, ckpt_path=cfg.model.resume_from_checkpoint or getattr(trainer, "ckpt_path", None))
     if trainer.is_global_zero and cfg.model.peft.peft_scheme != "none":
         from ..backends import get_family
 
@@ -417,6 +467,8 @@ def main(argv: Optional[List[str]] = None, default_config: str = "draftp_sd") ->
     try:
         dict_cfg = compose(args.config_path, args.config_name, args.overrides)
         cfg = _validated(load_config, dict_cfg)
+        for key, reason in cfg.notices_given:
+            log.info(f"notice: {key}: no effect here ({reason})")
         if os.environ.get("NAD_PREFLIGHT_ONLY") == "1":
             preflight(cfg)
             print("configuration and inputs OK")

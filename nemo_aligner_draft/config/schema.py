@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Union
 from ..algorithms.registry import ALGORITHMS, get_algorithm
 from ..errors import ConfigError, InputError
 from ..typed import Section, setting, validate_tree
+from . import nemo_aligner as na
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16", "16")
 
@@ -40,13 +41,17 @@ class AlgoLoopConfig(Section):
 
 @dataclass
 class TrainerConfig(Section):
+    notices = na.TRAINER_NOTICES
+
     devices: Union[int, str] = setting(1)
     num_nodes: int = setting(1, ge=1)
     accelerator: str = setting("auto", choices=("auto", "cpu", "gpu", "cuda"), expected="auto, cpu or gpu")
     strategy: str = setting("auto", choices=("auto", "ddp", "fsdp"))
-    precision: Union[int, str] = setting(32)
+    precision: Union[int, str] = setting(32, aliases=("model.precision", "model.trainer.precision"))
     max_steps: int = setting(-1)
     log_every_n_steps: int = setting(1)
+    benchmark: bool = setting(False, doc="cudnn.benchmark (Lightning's Trainer(benchmark=...))")
+    enable_model_summary: bool = setting(False, doc="print Lightning's model summary at the start")
 
     @classmethod
     def extra_sections(cls) -> Dict[str, type]:
@@ -75,25 +80,38 @@ def _known_world(trainer: TrainerConfig) -> int:
 # --------------------------------------------------------------------------- exp_manager
 @dataclass
 class CheckpointParams(Section):
+    notices = na.CHECKPOINT_NOTICES
+
     save_top_k: int = setting(1)
     save_last: bool = setting(True)
-    filename: str = setting("step={step}")
+    filename: str = setting("step={step}", doc="checkpoint file name; {step}, {consumed_samples} and the "
+                                                "monitored metric may appear in it")
+    monitor: str = setting("train_loss", choices=("train_loss", "reduced_train_loss"),
+                           doc="the metric ranking checkpoints (reduced_train_loss: NeMo-Aligner's name for it)")
 
 
 @dataclass
 class EMAConfig(Section):
     enable: bool = setting(False)
     decay: float = setting(0.999, gt=0, lt=1, expected="a number in (0, 1)")
+    validate_original_weights: bool = setting(False, doc="NeMo's EMA: validate with the live, not the EMA, weights")
+    every_n_steps: int = setting(1, ge=1, doc="NeMo's EMA: update every N optimizer steps")
+    cpu_offload: bool = setting(False, doc="NeMo's EMA: keep the EMA copy in CPU memory")
 
 
 @dataclass
 class ExpManagerConfig(Section):
+    notices = na.EXP_MANAGER_NOTICES
+
     explicit_log_dir: Optional[str] = setting(None)
     exp_dir: Optional[str] = setting(None)
     name: Optional[str] = setting(None)
     create_wandb_logger: bool = setting(False)
+    wandb_logger_kwargs: Dict[str, Any] = setting(default_factory=dict, doc="passed to Lightning's WandbLogger "
+                                                  "(project, name, resume, offline, ...)")
     create_tensorboard_logger: bool = setting(True)
     resume_if_exists: bool = setting(True)
+    resume_ignore_no_checkpoint: bool = setting(True, doc="resume_if_exists with no checkpoint yet starts fresh")
     checkpoint_callback_params: CheckpointParams = setting(default_factory=CheckpointParams)
     ema: EMAConfig = setting(default_factory=EMAConfig)
 
@@ -101,31 +119,50 @@ class ExpManagerConfig(Section):
 # --------------------------------------------------------------------------- model
 @dataclass
 class InferConfig(Section):
-    unconditional_guidance_scale: float = setting(7.5, ge=0)
-    height: int = setting(512, gt=0, multiple_of=8, expected="a positive multiple of 8 (the VAE downsamples by 8)")
-    width: int = setting(512, gt=0, multiple_of=8, expected="a positive multiple of 8 (the VAE downsamples by 8)")
-    inference_steps: int = setting(50, ge=1)
+    notices = na.INFER_NOTICES
+    _res = "a positive multiple of 8 (the VAE downsamples by 8)"
+
+    unconditional_guidance_scale: float = setting(7.5, ge=0, aliases=("model.sampling.base.scale",))
+    height: int = setting(512, gt=0, multiple_of=8, expected=_res, aliases=("model.sampling.base.height",))
+    width: int = setting(512, gt=0, multiple_of=8, expected=_res, aliases=("model.sampling.base.width",))
+    inference_steps: int = setting(50, ge=1, aliases=("model.sampling.base.steps",))
     eta: float = setting(0.0, ge=0)
     vae_batch_size: int = setting(8, ge=1)
     sampler: str = setting("default", choices=("default", "ddim", "euler"),
+                           aliases={"sampler_type": na.sampler_type, "model.sampling.base.sampler": na.sdxl_sampler},
                            doc="default: the model family's (ddim for SD, euler for SDXL)")
+    down_factor: Optional[int] = setting(None, doc="checked against the VAE's downsampling factor")
 
 
 @dataclass
 class LoraTuningConfig(Section):
+    notices = na.LORA_NOTICES
+
     adapter_dim: int = setting(32, gt=0, expected="an integer > 0 (the LoRA rank)")
-    network_alpha: float = setting(32.0, gt=0)
+    network_alpha: Optional[float] = setting(32.0, gt=0, aliases=("model.unet_config.lora_network_alpha",),
+                                             doc="ΔW = (network_alpha / adapter_dim)·B A; null: NeMo's default")
     target_modules: Optional[List[str]] = setting(None, doc="None: the peft_scheme's default targets")
+    adapter_dropout: float = setting(0.0, ge=0, lt=1, doc="dropout on the adapter's output (NeMo's position 'post')")
+    column_init_method: str = setting("xavier", choices=("xavier", "normal", "zero"),
+                                      doc="initialisation of the down projection A (NeMo's linear_in)")
+    row_init_method: str = setting("zero", choices=("xavier", "normal", "zero"),
+                                   doc="initialisation of the up projection B (NeMo's linear_out)")
 
 
 @dataclass
 class PeftConfig(Section):
     peft_scheme: str = setting("sdlora", choices=("sdlora", "lora", "none"))
+    restore_from_path: Optional[str] = setting(None, doc="initial adapter weights: a NeMo-Aligner LoRA .nemo or .ckpt")
     lora_tuning: LoraTuningConfig = setting(default_factory=LoraTuningConfig)
 
 
 @dataclass
 class SchedConfig(Section):
+    notices = {"hold_steps": na.Notice("WarmupHoldPolicy keeps the peak learning rate after warmup whatever "
+                                       "hold_steps is (NeMo's WarmupHoldPolicy._get_lr returns the base rate)")}
+
+    name: str = setting("linear_warmup", choices=("linear_warmup", "WarmupHoldPolicy"),
+                        doc="linear_warmup: lr·min(1, (s+1)/warmup); WarmupHoldPolicy: NeMo's, lr·(s+1)/(warmup+1)")
     warmup_steps: int = setting(0, ge=0)
 
 
@@ -144,14 +181,37 @@ class OptimConfig(Section):
 
 @dataclass
 class DatasetConfig(Section):
-    dataset_path: Optional[str] = setting(None, doc="a prompt file (.txt, .jsonl with \"prompt\") or builtin:<name>")
+    dataset_path: Optional[str] = setting(None, convert=na.dataset_paths,
+                                          doc="a prompt file (.txt, .jsonl with \"prompt\"), webdataset tar(s) of "
+                                              "prompts, or builtin:<name>")
+
+
+@dataclass
+class TrainDatasetConfig(DatasetConfig):
+    dataset_path: Optional[str] = setting(None, convert=na.dataset_paths, aliases={
+        "model.data.webdataset.local_root_path": na.optional_path,
+        "model.data.train.webdataset.local_root_path": na.optional_path},
+        doc="a prompt file (.txt, .jsonl with \"prompt\"), webdataset tar(s) of prompts, or builtin:<name>")
+
+
+@dataclass
+class WebDatasetConfig(Section):
+    """NeMo-Aligner's ``model.data.webdataset``; its ``local_root_path`` sets ``model.data.train.dataset_path``."""
+
+    infinite_sampler: bool = setting(False, doc="repeat the prompts without an epoch cap (trainer.*.max_epochs)")
 
 
 @dataclass
 class DataConfig(Section):
-    train: DatasetConfig = setting(default_factory=DatasetConfig)
-    validation: DatasetConfig = setting(default_factory=DatasetConfig)
+    notices = {"shuffle_data": na.Notice("NeMo-Aligner's DRaFT+ loader shuffles whatever this says (its random "
+                                         "batch sampler); the prompts are reshuffled every epoch here too, seeded "
+                                         "by model.seed")}
+
+    train: TrainDatasetConfig = setting(default_factory=TrainDatasetConfig)
+    validation: DatasetConfig = setting(default_factory=DatasetConfig, doc="null: validate on the train prompts")
     max_prompt_chars: int = setting(1000, ge=1, doc="longer prompt lines are an error (the tokenizer truncates at 77 tokens)")
+    num_workers: int = setting(0, ge=0, doc="DataLoader worker processes")
+    webdataset: WebDatasetConfig = setting(default_factory=WebDatasetConfig)
 
     def rules(self):
         if not self.train.dataset_path:
@@ -174,8 +234,10 @@ class DiversityConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
+    notices = na.MODEL_NOTICES
+
     algorithm: str = setting("draftp", choices=lambda: list(ALGORITHMS))
-    pretrained: Optional[str] = setting(None, doc="a local diffusers pipeline directory")
+    pretrained: Optional[str] = setting(None, doc="a local diffusers pipeline directory (or the NeMo parts below)")
     family: str = setting("auto", choices=_families)
     seed: int = setting(1234)
     micro_batch_size: int = setting(1, ge=1)
@@ -192,18 +254,53 @@ class ModelConfig(Section):
     optim: OptimConfig = setting(default_factory=OptimConfig)
     data: DataConfig = setting(default_factory=DataConfig)
     diversity: DiversityConfig = setting(default_factory=DiversityConfig)
+    # NeMo-Aligner's way to give the model: its parts, with the architecture from these keys
+    unet_config: Optional[na.UnetConfig] = setting(None)
+    first_stage_config: Optional[na.FirstStageConfig] = setting(None)
+    cond_stage_config: Optional[na.CondStageConfig] = setting(None)
+    conditioner_config: Optional[na.ConditionerConfig] = setting(None)
+    sampling: Optional[na.SamplingConfig] = setting(None)
+    # the noise schedule and latent scale of NeMo's LatentDiffusion (with model.pretrained: checked
+    # against the pipeline's scheduler and VAE)
+    linear_start: Optional[float] = setting(None, gt=0)
+    linear_end: Optional[float] = setting(None, gt=0)
+    timesteps: Optional[int] = setting(None, ge=1)
+    beta_schedule: Optional[str] = setting(None, choices=(None, "linear", "sqrt_linear", "cosine"),
+                                           doc="NeMo's LDM names: 'linear' is linear in √β (diffusers' scaled_linear)")
+    parameterization: Optional[str] = setting(None, choices=(None, "eps", "v"))
+    scale_factor: Optional[float] = setting(None, gt=0, doc="the VAE latent scale")
+    scale_by_std: bool = setting(False, doc="must be false: model.scale_factor is used as given")
+    cosine_s: Optional[float] = setting(None, doc="the offset of beta_schedule cosine")
+    given_betas: Optional[List[float]] = setting(None, doc="an explicit β schedule (NeMo parts only)")
+    image_size: Optional[int] = setting(None, doc="the latent size the UNet is configured for (its sample_size)")
+    denoiser_config: Optional[Dict[str, Any]] = setting(None, doc="SDXL's denoiser: its scaling (Eps/V) sets the "
+                                                                   "prediction type, its discretization the σs")
+    disable_first_stage_autocast: Optional[bool] = setting(None, doc="SDXL: decode in fp32 (the VAE's force_upcast)")
+    resume_from_checkpoint: Optional[str] = setting(None, doc="a training checkpoint to resume from")
+    gradient_as_bucket_view: bool = setting(True, doc="DDP: gradients as views into the all-reduce buckets")
 
     @classmethod
     def extra_sections(cls) -> Dict[str, type]:
         return {a.name: a.section_class() for a in ALGORITHMS.values() if a.section}
+
+    @property
+    def from_nemo_parts(self) -> bool:
+        """The model is given as NeMo-Aligner gives it (model.unet_config.from_pretrained), not as a pipeline."""
+        return self.unet_config is not None and self.unet_config.from_pretrained is not None
 
     def section(self):
         """This run's algorithm section (``model.<algorithm>``), or None."""
         return getattr(self, self.algorithm, None) if self.algorithm in type(self).extra_sections() else None
 
     def rules(self):
-        if not self.pretrained:
-            yield "pretrained", f"got {self.pretrained!r}, expected a local diffusers pipeline directory"
+        if not self.pretrained and not self.from_nemo_parts:
+            yield "pretrained", (f"got {self.pretrained!r}, expected a local diffusers pipeline directory (or "
+                                 f"NeMo-Aligner's model.unet_config.from_pretrained)")
+        if self.pretrained and self.from_nemo_parts:
+            yield "unet_config.from_pretrained", ("set together with model.pretrained: give the model either as a "
+                                                  "diffusers pipeline directory or as NeMo parts")
+        if self.from_nemo_parts and (self.first_stage_config is None or not self.first_stage_config.from_pretrained):
+            yield "first_stage_config.from_pretrained", "missing: NeMo parts need the VAE as well as the UNet"
         steps = self.infer.inference_steps
         if not 1 <= self.truncation_steps <= max(steps, 1):
             yield "truncation_steps", (f"got {self.truncation_steps}, expected an integer in "
@@ -233,7 +330,8 @@ class ModelConfig(Section):
 # --------------------------------------------------------------------------- reward
 @dataclass
 class RMModelConfig(Section):
-    restore_from_path: Optional[str] = setting(None)
+    restore_from_path: Optional[str] = setting(None, doc="the reward's weights: a local directory or file, or "
+                                                        "NeMo-Aligner's reward-model .nemo")
 
 
 @dataclass
@@ -246,20 +344,41 @@ class RewardComponent(Section):
 
 @dataclass
 class RMConfig(Section):
-    name: str = setting("colorfulness", doc="a registered reward, weighted_sum, or package.module:callable")
+    notices = na.RM_NOTICES
+
+    name: Optional[str] = setting(None, doc="a registered reward, weighted_sum, or package.module:callable; "
+                                            "null: NeMo-Aligner's CLIP reward model when rm.model.restore_from_path "
+                                            "is a .nemo")
     model: RMModelConfig = setting(default_factory=RMModelConfig)
-    fp32: bool = setting(False, doc="run the reward model in fp32 under bf16 autocast")
+    fp32: bool = setting(False, aliases={"rm.model.precision": na.rm_precision},
+                         doc="run the reward model in fp32 under bf16 autocast")
     kwargs: Dict[str, Any] = setting(default_factory=dict, doc="passed to the reward factory")
     components: List[RewardComponent] = setting(default_factory=list, doc="for weighted_sum")
 
+    @property
+    def reward_name(self) -> str:
+        """``name``, or NeMo-Aligner's reward model (``nemo_clip``) for a ``.nemo`` restore_from_path."""
+        path = self.model.restore_from_path or ""
+        if path.endswith(".nemo") and self.name in (None, "pickscore"):
+            return "nemo_clip"  # NeMo-Aligner's PickScore-style reward model, as its rm.model.restore_from_path gives it
+        return self.name or ""
+
     def rules(self):
+        if not self.reward_name:
+            yield "name", ("missing: a reward name (e.g. pickscore, aesthetic, brightness), or NeMo-Aligner's reward "
+                           "model .nemo in rm.model.restore_from_path")
         if self.name == "weighted_sum" and not self.components:
             yield "components", f"got {self.components!r}, expected at least one reward when rm.name is weighted_sum"
 
 
 @dataclass
 class Config(Section):
+    notices = na.ROOT_NOTICES
+
     name: str = setting("draftp_sd")
+    # NeMo-Aligner's anneal_sdxl.py (AIG inference) reads these two from the root (+prompt=…, +weight_type=…)
+    prompt: Optional[str] = setting(None, doc="anneal_sdxl.py: render this prompt instead of the validation prompts")
+    weight_type: Optional[str] = setting(None, doc="anneal_sdxl.py: comma-separated AIG weight schedules")
     trainer: TrainerConfig = setting(default_factory=TrainerConfig)
     exp_manager: ExpManagerConfig = setting(default_factory=ExpManagerConfig)
     model: ModelConfig = setting(default_factory=ModelConfig)
@@ -300,10 +419,13 @@ class Config(Section):
 
 # --------------------------------------------------------------------------- entry points
 def validate(raw: Dict) -> Config:
-    """Typed config from a plain dict, or :class:`ConfigError` listing every problem."""
-    tree, problems = validate_tree(Config, raw)
+    """Typed config from a plain dict, or :class:`ConfigError` listing every problem. The keys accepted
+    with a notice are ``tree.notices_given``: (key, why it has no effect here)."""
+    notices: List = []
+    tree, problems = validate_tree(Config, raw, notices=notices)
     if problems:
         raise ConfigError([InputError(k, m) for k, m in problems])
+    object.__getattribute__(tree, "__dict__")["notices_given"] = notices
     return tree
 
 

@@ -12,7 +12,11 @@ Schedules, with progress s_i = i / (T − 1) ∈ [0, 1] for step i = 0 … T−1
 * ``linear``: w_i = s_i
 * ``power_p`` (e.g. ``power_2``): w_i = s_i^p — stays close to the base longer for p > 1
 * ``step_f`` (e.g. ``step_0.6``): w_i = 1 if s_i ≥ f else 0 — base for the first fraction f
-* ``constant_c``: w_i = c (plain mixing, for comparison)
+* ``constant_c``: w_i = c (plain mixing, for comparison); ``base`` = ``constant_0``, ``draft`` = ``constant_1``
+  (NeMo-Aligner's names)
+
+``endpoint=False`` takes NeMo-Aligner's progress s_i = i / T instead (its ``anneal_sdxl.py`` weighs step i by
+``i / total``), so its schedules never quite reach the fine-tuned model.
 
 The mix is applied to the raw model outputs (ε or v, CFG already combined); both are linear in the
 output, so mixing outputs equals mixing ε̂ for either parameterisation.
@@ -27,11 +31,17 @@ from .sampler import Denoiser
 from .schedulers import StepRule
 
 
-def aig_weights(num_steps: int, schedule: str = "linear") -> torch.Tensor:
-    """w_i for i = 0 … T−1, ``[T]`` float64. ``schedule``: see the module docstring."""
+def aig_weights(num_steps: int, schedule: str = "linear", endpoint: bool = True) -> torch.Tensor:
+    """w_i for i = 0 … T−1, ``[T]`` float64. ``schedule``, ``endpoint``: see the module docstring."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    s = torch.linspace(0.0, 1.0, num_steps, dtype=torch.float64) if num_steps > 1 else torch.ones(1, dtype=torch.float64)
+    if not endpoint:
+        s = torch.arange(num_steps, dtype=torch.float64) / num_steps
+    elif num_steps > 1:
+        s = torch.linspace(0.0, 1.0, num_steps, dtype=torch.float64)
+    else:
+        s = torch.ones(1, dtype=torch.float64)
+    schedule = {"base": "constant_0", "draft": "constant_1"}.get(schedule, schedule)
     name, _, arg = schedule.partition("_")
     try:
         value = float(arg) if arg else None

@@ -29,7 +29,6 @@ from ..backends import DiffusionBackend, load_backend, lora_targets
 from ..config.schema import AlgoLoopConfig, ModelConfig, validate_model
 from ..core.sampler import StepPlan, sample
 from ..data.prompts import PromptDataset, collate_prompts
-from ..data.sampler import PromptSampler
 from ..errors import InputError, attributed
 from ..rewards.base import Reward, check_reward_output
 from . import distributed
@@ -47,6 +46,99 @@ def frozen_dtype_for(precision) -> torch.dtype:
     if p.startswith("16"):
         return torch.float16
     return torch.float32
+
+
+# NeMo-Aligner's draftp_sd.yaml values of the keys NeMo parts need, for a config (ours) that does not set them
+NEMO_SD_DEFAULTS = {"linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "beta_schedule": "linear",
+                    "parameterization": "eps", "scale_factor": 0.18215,
+                    "cond_stage_config": {"version": "openai/clip-vit-large-patch14", "max_length": 77}}
+
+
+def _overlay(base: Dict, top: Dict) -> Dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _overlay(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def build_backend(m: ModelConfig, frozen_dtype: torch.dtype, raw: Optional[Dict] = None) -> DiffusionBackend:
+    """The model's backend: from ``model.pretrained`` (a diffusers pipeline directory), or from NeMo-Aligner's
+    parts (``model.unet_config.from_pretrained`` and the sections beside it). Then NeMo-Aligner's schedule,
+    latent-scale and resolution keys, where given, must agree with what was loaded.
+
+    NeMo parts are built from ``raw``, the ``model`` section as the user wrote it (NeMo-Aligner's keys, read
+    as NeMo reads them; the typed config has validated it)."""
+    if m.from_nemo_parts:
+        from ..backends.nemo_parts import load_nemo_parts_backend
+        from ..typed import as_dict
+
+        # the typed section's values (NeMo-Aligner's defaults for keys a config leaves out), under the keys
+        # the user wrote (notice keys included: NeMo's loaders read a few, like _target_)
+        section = _overlay(as_dict(m), raw or {})
+        sdxl = bool(section.get("conditioner_config") or (section.get("unet_config") or {}).get("adm_in_channels"))
+        defaults = dict(NEMO_SD_DEFAULTS, scale_factor=0.13025) if sdxl else NEMO_SD_DEFAULTS
+        for key, value in defaults.items():  # what NeMo-Aligner's draftp_sd(xl).yaml say, where unset here
+            if section.get(key) is None and not (key == "cond_stage_config" and sdxl):
+                section[key] = value
+        with attributed("model.unet_config.from_pretrained", "NeMo-Aligner's model parts", m.unet_config.from_pretrained):
+            backend = load_nemo_parts_backend(section, frozen_dtype)
+    else:
+        with attributed("model.pretrained", "a diffusers pipeline", m.pretrained):
+            backend = load_backend(m.pretrained, m.family, frozen_dtype)
+    check_nemo_keys(m, backend)
+    return backend
+
+
+def check_nemo_keys(m: ModelConfig, backend: DiffusionBackend) -> None:
+    """NeMo-Aligner's noise-schedule and latent keys describe the model; given with a diffusers pipeline
+    (NeMo-Aligner's config files carry SD1.5's values), they must be the pipeline's, not silently ignored."""
+    sched = backend.scheduler.config
+    betas = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "squaredcos_cap_v2"}  # LDM → diffusers
+    checks = [
+        ("model.linear_start", m.linear_start, sched.get("beta_start")),
+        ("model.linear_end", m.linear_end, sched.get("beta_end")),
+        ("model.timesteps", m.timesteps, sched.get("num_train_timesteps")),
+        ("model.beta_schedule", betas.get(m.beta_schedule, m.beta_schedule) if m.beta_schedule else None,
+         sched.get("beta_schedule")),
+        ("model.parameterization", {"eps": "epsilon", "v": "v_prediction"}.get(m.parameterization),
+         sched.get("prediction_type")),
+        ("model.scale_factor", m.scale_factor, float(backend.vae.config.scaling_factor)),
+        ("model.infer.down_factor", m.infer.down_factor, backend.vae_scale_factor),
+    ]
+    for key, given, actual in checks:
+        if given is None or actual is None:
+            continue
+        same = abs(float(given) - float(actual)) <= 1e-6 * max(1.0, abs(float(actual))) \
+            if isinstance(given, (int, float)) and isinstance(actual, (int, float)) else given == actual
+        if not same:
+            where = "the NeMo parts" if m.from_nemo_parts else f"the pipeline at model.pretrained ({m.pretrained})"
+            raise InputError(key, f"got {given!r}, but {where} has {actual!r}; set {key} to match or remove it")
+
+
+def restore_nemo_adapters(backend: DiffusionBackend, path: str, rank: int) -> None:
+    """Start from a NeMo-Aligner DRaFT+ LoRA (``.nemo``, Lightning ``.ckpt`` or state dict), as its
+    ``init_peft`` does with ``model.peft.restore_from_path``: every adapter of the file into the one just
+    inserted, bit for bit (the reference stays the base model)."""
+    from ..export.nemo_adapters import nemo_to_peft
+    from ..export.read import read_nemo_archive
+
+    _, weights = read_nemo_archive(path)
+    state, file_rank, _ = nemo_to_peft(weights, backend.net)
+    if file_rank != rank:
+        raise ValueError(f"the adapters in {path!r} have rank {file_rank}, model.peft.lora_tuning.adapter_dim is {rank}")
+    own = {n: p for n, p in backend.net.named_parameters() if "lora_" in n}
+    by_module = {}
+    for name, p in own.items():  # peft names them <module>.lora_A.<adapter>.weight
+        module, _, rest = name.partition(".lora_")
+        by_module[f"{module}.lora_{rest.split('.', 1)[0]}.weight"] = p
+    missing = sorted(k for k in by_module if k not in state)
+    unknown = sorted(k for k in state if k not in by_module)
+    if missing or unknown:
+        raise ValueError(f"the adapters in {path!r} do not match model.peft's: {len(missing)} missing "
+                         f"(e.g. {missing[:3]}), {len(unknown)} not inserted here (e.g. {unknown[:3]})")
+    with torch.no_grad():
+        for k, p in by_module.items():
+            p.copy_(state[k].to(p.dtype))
 
 
 def validation_means(outputs: List[Dict]) -> Dict[str, float]:
@@ -73,8 +165,8 @@ class AlignmentModel(ModelPT):
         self.mcfg = m = config
         self.loop = loop or AlgoLoopConfig()
         self.precision_name = str(precision)
-        with attributed("model.pretrained", "a diffusers pipeline", m.pretrained):
-            backend = load_backend(m.pretrained, m.family, frozen_dtype_for(precision))
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        backend = build_backend(m, frozen_dtype_for(precision), raw)
         self.backend: DiffusionBackend = backend
         if m.activation_checkpointing:
             with attributed("model.activation_checkpointing"):
@@ -90,7 +182,14 @@ class AlignmentModel(ModelPT):
             key = "model.peft.lora_tuning.target_modules" if lora.target_modules else "model.peft.peft_scheme"
             with attributed(key):
                 backend.add_lora(lora.adapter_dim, lora.network_alpha,
-                                 lora.target_modules or lora_targets(backend.family, scheme))
+                                 lora.target_modules or lora_targets(backend.family, scheme),
+                                 column_init_method=lora.column_init_method, row_init_method=lora.row_init_method,
+                                 dropout=lora.adapter_dropout)
+        if m.peft.restore_from_path:
+            if scheme == "none":
+                raise InputError("model.peft.restore_from_path", "set, but model.peft.peft_scheme is 'none'")
+            with attributed("model.peft.restore_from_path", "NeMo-Aligner LoRA adapters", m.peft.restore_from_path):
+                restore_nemo_adapters(backend, m.peft.restore_from_path, lora.adapter_dim)
         with attributed("model.peft.peft_scheme"):
             backend.setup_reference(use_adapters=scheme != "none")
         self.reward = reward
@@ -148,16 +247,25 @@ class AlignmentModel(ModelPT):
         return seeded_generator(self.mcfg.seed, "micro", self.first_sample_index(round_idx), purpose)
 
     # ------------------------------------------------------------------ data
+    def train_source(self):
+        """The training prompts as a :class:`~..data.source.PromptSource` (``train_prompts`` may be one — a
+        list or a webdataset stream from :func:`~..data.source.open_prompt_source` — or a plain list)."""
+        from ..data.source import as_prompt_source
+
+        return as_prompt_source(self.train_prompts)
+
     def train_dataloader(self):
-        ds = PromptDataset(self.train_prompts)
+        source = self.train_source()
         if hasattr(self.recipe, "check_prompts"):
-            self.recipe.check_prompts(len(ds))
+            self.recipe.check_prompts(len(source))
         trainer = getattr(self, "_trainer", None)
         max_steps = trainer.max_steps if trainer is not None else -1
         length = self.recipe.planned_batches(max_steps) if max_steps and max_steps > 0 else 2**62
-        sampler = PromptSampler(len(ds), self.recipe.prompts_per_step, self.dp_rank, self.dp_size, self.mcfg.seed,
-                                consumed_samples=lambda: self.consumed_samples, length=length)
-        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_prompts, num_workers=0)
+        # Always shuffled, reshuffled per epoch from model.seed (NeMo-Aligner's DRaFT+ always draws with
+        # its random sampler, whatever model.data.shuffle_data says); the order ignores num_workers.
+        return source.dataloader(self.recipe.prompts_per_step, self.dp_rank, self.dp_size, self.mcfg.seed,
+                                 consumed_samples=lambda: self.consumed_samples, length=length, shuffle=True,
+                                 num_workers=int(getattr(self.mcfg.data, "num_workers", 0) or 0))
 
     def val_dataloader(self):
         prompts = self.val_prompts or self.train_prompts
@@ -185,8 +293,13 @@ class AlignmentModel(ModelPT):
 
     def encode(self, prompts: List[str]):
         """Prompt conditioning at ``model.infer``'s resolution (SDXL's time ids depend on it)."""
-        inf = self.mcfg.infer
-        self.backend.set_resolution(inf.height, inf.width)
+        inf, base = self.mcfg.infer, (self.mcfg.sampling.base if self.mcfg.sampling is not None else None)
+        if base is None:
+            self.backend.set_resolution(inf.height, inf.width)
+        else:  # NeMo-Aligner's SDXL micro-conditioning (model.sampling.base.orig_* / crop_coords_*)
+            self.backend.set_resolution(inf.height, inf.width, original=(base.orig_height or inf.height,
+                                                                         base.orig_width or inf.width),
+                                        crop=(base.crop_coords_top, base.crop_coords_left))
         return self.backend.encode_prompts(prompts)
 
     def sampling_setup(self, prompts: List[str], round_idx: int, purpose: str):
@@ -236,8 +349,7 @@ class AlignmentModel(ModelPT):
         if opt is None:
             cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
             opt = cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        warmup = o.sched.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(o.sched.name, o.sched.warmup_steps))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def training_step(self, batch, batch_idx):
@@ -314,14 +426,29 @@ class AlignmentModel(ModelPT):
             self.recipe.load_state_dict(checkpoint.get(getattr(self.recipe, "state_key", "recipe_state")))
 
 
+def lr_factor(name: str, warmup: int):
+    """The learning-rate multiplier at optimizer step ``s`` (0-based) of ``model.optim.sched``.
+
+    ``linear_warmup``: min(1, (s + 1) / warmup). ``WarmupHoldPolicy`` (NeMo's, nemo/core/optim/lr_scheduler.py
+    v2.1.0): (s + 1) / (warmup + 1) while s <= warmup, then 1 — its hold phase and what follows both return
+    the base rate."""
+    if not warmup:
+        return lambda s: 1.0
+    if name == "WarmupHoldPolicy":
+        return lambda s: (s + 1) / (warmup + 1) if s <= warmup else 1.0
+    return lambda s: min(1.0, (s + 1) / warmup)
+
+
 def steps_per_epoch(num_prompts: int, global_batch_size: int) -> int:
     return max(num_prompts // global_batch_size, 1)
 
 
-def effective_max_steps(loop: AlgoLoopConfig, trainer_max_steps: int, num_prompts: int, global_batch_size: int) -> int:
-    """trainer.<algo>.max_steps if set, else trainer.max_steps; capped by max_epochs passes."""
+def effective_max_steps(loop: AlgoLoopConfig, trainer_max_steps: int, num_prompts: int, global_batch_size: int,
+                        infinite: bool = False) -> int:
+    """trainer.<algo>.max_steps if set, else trainer.max_steps; capped by max_epochs passes unless the prompt
+    stream is infinite (NeMo-Aligner's model.data.webdataset.infinite_sampler)."""
     steps = loop.max_steps if loop.max_steps > 0 else trainer_max_steps
-    if loop.max_epochs > 0:
+    if loop.max_epochs > 0 and not infinite:
         cap = loop.max_epochs * steps_per_epoch(num_prompts, global_batch_size)
         steps = cap if steps <= 0 else min(steps, cap)
     return int(steps)

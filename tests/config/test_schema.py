@@ -6,7 +6,7 @@ from nemo_aligner_draft.config import ConfigError, validate
 
 
 def _minimal(**model):
-    return {"trainer": {"draftp_sd": {"max_steps": 1}},
+    return {"trainer": {"draftp_sd": {"max_steps": 1}}, "rm": {"name": "brightness"},
             "model": {"pretrained": "/m", "data": {"train": {"dataset_path": "p.txt"}}, **model}}
 
 
