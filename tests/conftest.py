@@ -24,3 +24,11 @@ def tiny_sd_v_dir(tmp_path_factory) -> str:
     from nemo_aligner_draft.testing.tiny import save_tiny_sd
 
     return save_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd_v")), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    """A tiny random SDXL pipeline (ε-prediction, EulerDiscrete, force_zeros_for_empty_prompt)."""
+    from nemo_aligner_draft.testing.tiny_sdxl import save_tiny_sdxl
+
+    return save_tiny_sdxl(str(tmp_path_factory.mktemp("tiny_sdxl")))

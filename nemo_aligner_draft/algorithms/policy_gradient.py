@@ -123,7 +123,7 @@ class PolicyGradientRecipe:
         dp = self.model.dp_size
         if dp > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [torch.zeros_like(r) for _ in range(dp)]
-            torch.distributed.all_gather(gathered, r)
+            torch.distributed.all_gather(gathered, r, group=self.model.dp_group)
             r = torch.cat(gathered)
         return {"reward_mean": r.mean(), "reward_std": r.std(unbiased=False)}
 

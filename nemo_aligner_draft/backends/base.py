@@ -13,6 +13,7 @@ pipeline directory is recognised, is the registry's business (:mod:`.registry`),
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..core.precision import autocast_off
 from ..core.reference import ReferenceModel
 from ..core.schedulers import StepRule, build_step_rule
 
@@ -267,7 +269,11 @@ class DiffusionBackend:
             z = z + cfg.shift_factor
         z = z.to(self.vae.dtype)  # frozen_dtype, or fp32 where a family keeps the VAE upcast
         chunks = z.split(batch_size or z.shape[0])
-        images = torch.cat([self.vae.decode(c).sample for c in chunks])
+        # a VAE kept in fp32 under a lower-precision run (force_upcast) decodes in fp32: autocast would
+        # otherwise run its convolutions in bf16/fp16 all the same
+        upcast = self.vae.dtype == torch.float32 and self.frozen_dtype != torch.float32
+        with autocast_off() if upcast else contextlib.nullcontext():
+            images = torch.cat([self.vae.decode(c).sample for c in chunks])
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # ----------------------------------------------------------------- adapters

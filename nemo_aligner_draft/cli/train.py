@@ -381,8 +381,12 @@ def run(cfg, dict_cfg) -> str:
     from ..models.base import AlignmentModel, effective_max_steps
     from ..models.callbacks import TrainingReport
 
+    from ..models.distributed import enable_tf32
+
     inputs = preflight(cfg)
     torch.manual_seed(cfg.model.seed)
+    if enable_tf32():
+        log.info("TF32 matmuls and convolutions on (an Ampere or newer GPU), as NeMo-Aligner sets them")
     accumulation = max(cfg.model.global_batch_size // (cfg.model.micro_batch_size * world_size(cfg.trainer)), 1)
     max_steps = effective_max_steps(cfg.loop, cfg.trainer.max_steps, len(inputs["train"]), cfg.model.global_batch_size,
                                     infinite=cfg.model.data.webdataset.infinite_sampler)

@@ -17,6 +17,7 @@ global batch is split over ranks, micro-batches and accumulation.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Dict, List, Optional
 
 import torch
@@ -32,6 +33,8 @@ from ..data.prompts import PromptDataset, collate_prompts
 from ..errors import InputError, attributed
 from ..rewards.base import Reward, check_reward_output
 from . import distributed
+
+_log = logging.getLogger("nemo_aligner_draft")
 
 
 def seeded_generator(*parts) -> torch.Generator:
@@ -197,6 +200,7 @@ class AlignmentModel(ModelPT):
         self.val_prompts = val_prompts
         self.consumed_samples = 0
         self.nan_skipped_steps = 0
+        self.overflow_skipped_steps = 0  # fp16 loss-scale overflows (algorithms/optimizer_step.py)
         self.val_outputs: List[Dict] = []
         self.recipe = get_algorithm(m.algorithm).recipe_class()(self)
 
@@ -228,6 +232,19 @@ class AlignmentModel(ModelPT):
     @property
     def dp_size(self) -> int:
         return distributed.data_parallel_size()
+
+    @property
+    def gradients_sharded(self) -> bool:
+        """Whether each rank holds only a shard of the gradients (an FSDP strategy)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+
+    @property
+    def dp_group(self):
+        """megatron-core's data-parallel process group (None: the default group)."""
+        return distributed.data_parallel_group()
 
     @property
     def round_size(self) -> int:
@@ -340,12 +357,13 @@ class AlignmentModel(ModelPT):
         o = self.mcfg.optim
         opt = None
         if o.name == "fused_adam":
-            try:
-                from apex.optimizers import FusedAdam
-
-                opt = FusedAdam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, adam_w_mode=True)
-            except ImportError:
-                opt = None  # apex is optional: same math in torch
+            fused = fused_adam_class()
+            if fused is not None:
+                opt = fused(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, adam_w_mode=True)
+            else:
+                _log.warning("notice: model.optim.name: fused_adam needs apex, which is not importable here; "
+                             "torch.optim.AdamW runs the same update (decoupled weight decay, as apex's "
+                             "adam_w_mode)")
         if opt is None:
             cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
             opt = cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -375,7 +393,7 @@ class AlignmentModel(ModelPT):
         logs = validation_means(self.val_outputs)
         for key in self.val_outputs[0]["extra_rewards"]:
             logs[f"val_{key}"] = float(torch.cat([o["extra_rewards"][key] for o in self.val_outputs]).mean())
-        self.log_dict(logs, on_epoch=True, sync_dist=True)
+        self.log_dict(logs, on_epoch=True, sync_dist=True, sync_dist_group=self.dp_group)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict) -> None:
@@ -383,6 +401,7 @@ class AlignmentModel(ModelPT):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["alignment_state"] = {"consumed_samples": self.consumed_samples,
                                          "nan_skipped_steps": self.nan_skipped_steps,
+                                         "overflow_skipped_steps": self.overflow_skipped_steps,
                                          "peft_scheme": self.mcfg.peft.peft_scheme,
                                          "adapter_dim": self.mcfg.peft.lora_tuning.adapter_dim}
         state = self.recipe.state_dict()
@@ -422,8 +441,18 @@ class AlignmentModel(ModelPT):
                                   f"(e.g. {missing[:3]}), {len(shapes)} with mismatched shapes (e.g. {shapes[:3]})")
         self.consumed_samples = int(state["consumed_samples"])
         self.nan_skipped_steps = int(state["nan_skipped_steps"])
+        self.overflow_skipped_steps = int(state.get("overflow_skipped_steps", 0))  # absent before fp16 support
         if self.recipe.state_dict():  # a recipe with state of its own expects it back
             self.recipe.load_state_dict(checkpoint.get(getattr(self.recipe, "state_key", "recipe_state")))
+
+
+def fused_adam_class():
+    """apex's ``FusedAdam`` (what NeMo's ``fused_adam`` is), or None when apex is not importable."""
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError:
+        return None
+    return FusedAdam
 
 
 def lr_factor(name: str, warmup: int):

@@ -50,6 +50,27 @@ def data_parallel_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def data_parallel_group():
+    """The process group of this rank's data-parallel replicas: megatron-core's when it is initialised
+    (every collective of ours over samples — reward statistics, validation metrics — uses it), else the
+    default group (None)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_data_parallel_group()
+    return None
+
+
+def enable_tf32() -> bool:
+    """TF32 matmuls and convolutions on Ampere or newer (compute capability ≥ 8), as NeMo-Aligner's
+    train_sd_draftp.py sets them; returns whether it did."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def data_parallel_size() -> int:
     from megatron.core import parallel_state
 
@@ -84,7 +105,13 @@ class RankDump(Callback):
         first = self.prompts[:m]
         with torch.no_grad():
             latents = pl_module.sampling_setup(first, 0, "rollout")[2] if first else None
+        group = pl_module.dp_group
+        from megatron.core import parallel_state
+
         state = {"params": self._trainable(pl_module), "initial_params": self.initial,
+                 "dp_group_ranks": dist.get_process_group_ranks(group) if group is not None else None,
+                 "dp_group_from_megatron": parallel_state.model_parallel_is_initialized()
+                                           and group is parallel_state.get_data_parallel_group(),
                  "prompts": list(self.prompts), "dp_rank": pl_module.dp_rank, "dp_size": pl_module.dp_size,
                  "global_rank": trainer.global_rank, "first_latents": latents, "global_step": trainer.global_step,
                  "consumed_samples": pl_module.consumed_samples}

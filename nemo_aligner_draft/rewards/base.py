@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ..core.precision import autocast_off
 from ..errors import InputError
 
 REWARDS: Dict[str, Callable[..., "Reward"]] = {}
@@ -62,7 +63,7 @@ class Reward(torch.nn.Module):
             return contextlib.nullcontext()
         if any(p.dtype != torch.float32 for p in self.parameters() if p.is_floating_point()):
             self.float()  # fp32 was switched on after a cast: best effort
-        return _autocast_off()
+        return autocast_off()
 
     def freeze(self) -> "Reward":
         self.requires_grad_(False)
@@ -93,17 +94,6 @@ class CallableReward(Reward):
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Half precisions → float32; float64 (gradient checks) stays float64."""
     return x.float() if x.is_floating_point() and x.element_size() < 4 else x
-
-
-@contextlib.contextmanager
-def _autocast_off():
-    # Both device types: a reward on CPU can run inside a CUDA autocast region and vice versa.
-    with torch.autocast(device_type="cpu", enabled=False):
-        if torch.cuda.is_available():
-            with torch.autocast(device_type="cuda", enabled=False):
-                yield
-        else:
-            yield
 
 
 def require_differentiable(reward: Reward, method_name: str) -> Reward:

@@ -52,6 +52,8 @@ def test_two_ranks_ran_data_parallel(runs):
     ddp = runs["ddp"]
     assert [d["global_rank"] for d in ddp] == [0, 1]
     assert [(d["dp_rank"], d["dp_size"]) for d in ddp] == [(0, 2), (1, 2)]
+    # the group our collectives (reward statistics, validation metrics) use is megatron-core's
+    assert all(d["dp_group_from_megatron"] and d["dp_group_ranks"] == [0, 1] for d in ddp)
     assert all(d["global_step"] == STEPS and d["consumed_samples"] == 4 * STEPS for d in ddp)
     assert os.path.isfile(os.path.join(runs["run_ddp"], "checkpoints", "draftp_tiny.nemo"))
 
