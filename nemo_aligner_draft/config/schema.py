@@ -143,9 +143,10 @@ class LoraTuningConfig(Section):
                                              doc="ΔW = (network_alpha / adapter_dim)·B A; null: NeMo's default")
     target_modules: Optional[List[str]] = setting(None, doc="None: the peft_scheme's default targets")
     adapter_dropout: float = setting(0.0, ge=0, lt=1, doc="dropout on the adapter's output (NeMo's position 'post')")
-    column_init_method: str = setting("xavier", choices=("xavier", "normal", "zero"),
-                                      doc="initialisation of the down projection A (NeMo's linear_in)")
-    row_init_method: str = setting("zero", choices=("xavier", "normal", "zero"),
+    column_init_method: str = setting("xavier", choices=("xavier", "normal", "kaiming", "zero"),
+                                      doc="initialisation of the down projection A (NeMo's linear_in; kaiming is "
+                                          "peft's own LoRA init)")
+    row_init_method: str = setting("zero", choices=("xavier", "normal", "kaiming", "zero"),
                                    doc="initialisation of the up projection B (NeMo's linear_out)")
 
 

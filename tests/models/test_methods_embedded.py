@@ -32,8 +32,11 @@ EMBEDDED = ["rm.name=brightness", "model.data.train.dataset_path=builtin:embedde
 # setting was run on seeds 1234, 1 and 2 (model.seed, which moves every latent, noise draw and prompt
 # order) and, for one seed, with AVX2 kernels forced (ATEN_CPU_CAPABILITY=avx2, MKL/oneDNN capped at
 # AVX2) as a stand-in for another CPU. Measured margins, z = mean paired gain / its SE (pass: z > 3):
-#   DRaFT-LV   z 7.6 / 8.2 / 9.8   (gain +0.11 / +0.12 / +0.09); AVX2: identical to 2 decimals
-#   AlignProp  z 8.2 / 8.3 / 8.3   (gain +0.06 / +0.08 / +0.08); AVX2: identical to 2 decimals
+#   DRaFT-LV   z 8.3 / 12.5 / 9.4  (gain +0.12 / +0.23 / +0.15)
+#   AlignProp  z 10.6 / 12.4 / 9.7 (gain +0.16 / +0.27 / +0.14)
+#     (both with sdlora on NeMo's six modules, feed-forward included, and NeMo's initialisation; with the
+#     earlier attention-only sdlora: DRaFT-LV z 7.6 / 8.2 / 9.8, AlignProp z 8.2 / 8.3 / 8.3, and with
+#     AVX2 forced identical to 2 decimals — not rerun with AVX2 since)
 #   DDPO       z 18.4 / 19.1 / 10.8 (gain +0.42 / +0.40 / +0.19); seed 1 with AVX2: z 19.6; seed 7: z 13.6
 #   SDPO       z 11.8 / 15.5 / 13.1 (gain +0.11 / +0.24 / +0.24); seed 2 with AVX2: z 9.9; seed 7: z 7.4
 # Settings that did not hold and were replaced: DDPO with LoRA (rank 4, lr 1e-3, 4 samples per update:
