@@ -1,5 +1,7 @@
-# NGC PyTorch base (CUDA, NCCL, apex/FusedAdam). Building needs access to nvcr.io, which CI here lacks.
-ARG NGC_TAG=25.01-py3
+# NGC PyTorch base (CUDA, NCCL, apex/FusedAdam; Python 3.12). Building needs access to nvcr.io, which CI
+# here lacks. constraints.txt resolves for Python 3.12: tools/resolve_for_python.sh 3.12 (pip's resolver
+# for that Python, run from this Python 3.11 machine).
+ARG NGC_TAG=26.07-py3
 FROM nvcr.io/nvidia/pytorch:${NGC_TAG}
 
 WORKDIR /opt/nemo-aligner-draft
