@@ -1,0 +1,214 @@
+"""Full-size DRaFT+ steps on CPU: SD1.5 (or SDXL) architecture with random weights, saved as a diffusers
+pipeline in fp16 and loaded through the package's own loader, a full-size reward (PickScore: CLIP
+ViT-H-14, saved as a HF CLIPModel directory), LoRA rank 32 on sdlora's modules, activation
+checkpointing on, micro-batch 1, CFG 7.5, fp32 (CPU has no bf16 autocast worth measuring).
+
+Each configuration runs in its own process (peak RSS is per process) for one training step and
+reports, besides seconds per step and the process's peak RSS:
+
+* the resident weights of each component (bytes of its parameters), and
+* what each part of the step adds while its graph is alive: RSS (after ``malloc_trim``, so that memory
+  freed by temporaries does not count) right after the UNet steps with grad, after decoding, after
+  scoring (the forward is complete: every saved activation is alive), and the peak during backward
+  (sampled every 2 ms by a thread).
+
+The memory model (``benchmarks/memory_model.py``) is fitted on the smallest configuration and its
+predictions for the others are written beside the measurements.
+
+Usage: python benchmarks/bench_realsize_cpu.py [--family sd] [--steps 4] [--configs 256:1,512:1,512:all]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import resource
+import shutil
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import TMP, log, machine_info, md_table, run_worker, write_json, write_markdown  # noqa: E402
+
+GIB = 2**30
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def live_bytes() -> int:
+    """RSS after glibc returns the memory it holds free to the system (``malloc_trim``): close to the
+    bytes of live tensors, where plain RSS also counts what earlier, freed temporaries left behind."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: plain RSS
+        pass
+    return rss_bytes()
+
+
+class PeakRss:
+    """Highest RSS seen by a sampling thread while the block runs."""
+
+    def __init__(self, interval=0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def ensure_assets(family: str, reward: str) -> dict:
+    from nemo_aligner_draft.testing.realsize import save_pipeline, save_reward_clip
+
+    pipe = os.path.join(TMP, f"realsize_{family}")
+    clip = os.path.join(TMP, f"realsize_clip_{reward}")
+    for path, what, save in ((pipe, f"a random {family} pipeline of the published shapes",
+                              lambda d: save_pipeline(family, d)),
+                             (clip, f"a random {reward} CLIP backbone", lambda d: save_reward_clip(reward, d))):
+        if not os.path.isdir(path):  # written to a sibling and renamed: an interrupted save leaves nothing
+            log(f"saving {what} to {path} (fp16)")
+            tmp = path + ".partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save(tmp)
+            os.replace(tmp, path)
+    return {"pipeline": pipe, "clip": clip}
+
+
+def params_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def child(a) -> dict:
+    import torch
+
+    from nemo_aligner_draft.backends import load_backend, lora_targets
+    from nemo_aligner_draft.core.draft import DraftConfig, draft_objective
+    from nemo_aligner_draft.rewards import build_reward
+
+    torch.set_num_threads(1)
+    rss0 = rss_bytes()
+    backend = load_backend(a.pipeline, frozen_dtype=torch.float32)
+    reward = build_reward(a.reward, path=a.clip)
+    reward.freeze()
+    family = backend.family
+    params = backend.add_lora(a.rank, a.rank, lora_targets(family, "sdlora"))
+    backend.set_activation_checkpointing(True)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    weights = {"unet": params_bytes(backend.net), "vae": params_bytes(backend.vae),
+               "text_encoders": sum(params_bytes(m) for m in backend.text_encoders), "reward": params_bytes(reward),
+               "lora": sum(p.numel() * p.element_size() for p in params)}
+    k = a.steps if a.k == "all" else int(a.k)
+    rule = backend.step_rule(a.steps)
+    cfg = DraftConfig(truncation_steps=k, kl_coeff=0.0, checkpoint=a.k == "all")
+    g = torch.Generator().manual_seed(0)
+    backend.set_resolution(a.height, a.height)
+    prompts = ["a photograph of an astronaut riding a horse"]
+    marks = {}
+
+    def decode(x):
+        marks["after_unet"] = live_bytes()
+        images = backend.decode(x)
+        marks["after_decode"] = live_bytes()
+        return images
+
+    def score(images):
+        r = reward(images, prompts)
+        marks["after_reward"] = live_bytes()
+        return r
+
+    before = live_bytes()
+    t0 = time.perf_counter()
+    cond = backend.encode_prompts(prompts)
+    latents = backend.initial_latents(1, a.height, a.height, rule, generator=g)
+    loss, _, _ = draft_objective(backend.denoiser(cond, 7.5), None, rule, latents, decode, score, cfg, generator=g)
+    t_forward = time.perf_counter() - t0
+    with PeakRss() as peak:
+        (-loss).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    return {"family": family, "height": a.height, "steps": a.steps, "K": k, "sampler_checkpointing": a.k == "all",
+            "activation_checkpointing": True, "micro_batch": 1, "lora_rank": a.rank, "reward": a.reward,
+            "step_s": seconds, "forward_s": t_forward, "weights_gib": {n: v / GIB for n, v in weights.items()},
+            "rss_gib": {"process_start": rss0 / GIB, "loaded": before / GIB,
+                        "after_unet": marks["after_unet"] / GIB, "after_decode": marks["after_decode"] / GIB,
+                        "after_reward": marks["after_reward"] / GIB, "backward_peak": peak.peak / GIB},
+            "added_gib": {"unet_steps": (marks["after_unet"] - before) / GIB,
+                          "decode": (marks["after_decode"] - marks["after_unet"]) / GIB,
+                          "reward": (marks["after_reward"] - marks["after_decode"]) / GIB,
+                          "backward_peak_over_forward": (peak.peak - marks["after_reward"]) / GIB},
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=("sd", "sdxl"), default="sd")
+    ap.add_argument("--steps", type=int, default=4, help="sampler steps T (CPU time grows with T)")
+    ap.add_argument("--configs", default="256:1,512:1,512:all", help="height:K list; K=all is the full chain "
+                    "with sampler checkpointing")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--reward", default="pickscore", choices=("pickscore", "aesthetic"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--height", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--k", help=argparse.SUPPRESS)
+    ap.add_argument("--pipeline", help=argparse.SUPPRESS)
+    ap.add_argument("--clip", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.reward == "aesthetic":
+        raise SystemExit("bench_realsize_cpu: the aesthetic reward needs its MLP head file too; use pickscore")
+    if a.child:
+        print(json.dumps(child(a)))
+        return None
+    # the random full-size weights are written once, by a process of their own (8 GB it then frees)
+    run_worker(sys.executable, "-c", [f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+                                     f"from bench_realsize_cpu import ensure_assets; import json; "
+                                     f"print(json.dumps(ensure_assets({a.family!r}, {a.reward!r})))"], timeout=3600)
+    assets = ensure_assets(a.family, a.reward)  # now only the paths
+    rows = []
+    for spec in a.configs.split(","):
+        height, k = spec.split(":")
+        log(f"{a.family} {height} px, T={a.steps}, K={k}: one step in a fresh process")
+        rows.append(run_worker(sys.executable, os.path.abspath(__file__),
+                               ["--child", f"--family={a.family}", f"--steps={a.steps}", f"--height={height}",
+                                f"--k={k}", f"--rank={a.rank}", f"--reward={a.reward}",
+                                f"--pipeline={assets['pipeline']}", f"--clip={assets['clip']}"], timeout=7200))
+        log(f"  {rows[-1]['step_s']:.0f} s, peak RSS {rows[-1]['peak_rss_gib']:.2f} GiB")
+    from memory_model import check_against
+
+    checks = check_against(rows)
+    data = {"benchmark": "realsize_cpu", "machine": machine_info(), "rows": rows, "memory_model": checks}
+    name = f"realsize_cpu_{a.family}"
+    write_json(name, data)
+    table = md_table(["px", "T", "K", "sampler ckpt", "s/step", "weights GiB", "UNet steps +GiB", "decode +GiB",
+                      "reward +GiB", "peak RSS GiB", "model GiB", "model error"],
+                     [[r["height"], r["steps"], r["K"], "yes" if r["sampler_checkpointing"] else "no", r["step_s"],
+                       sum(r["weights_gib"].values()), r["added_gib"]["unet_steps"], r["added_gib"]["decode"],
+                       r["added_gib"]["reward"], r["peak_rss_gib"], c["predicted_gib"], c["error"]]
+                      for r, c in zip(rows, checks["rows"])])
+    text = (f"### Full-size {a.family} DRaFT+ step on CPU (fp32, LoRA r{a.rank}, activation checkpointing, "
+            f"micro-batch 1, CFG, reward {a.reward})\n\n{table}\n\nMemory model fitted on: {checks['fitted_on']}; "
+            f"coefficients {checks['coefficients']}.\n")
+    write_markdown(name, text)
+    print(text)
+    return data
+
+
+if __name__ == "__main__":
+    main()
