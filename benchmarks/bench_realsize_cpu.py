@@ -165,6 +165,8 @@ def main(argv=None):
                     "with sampler checkpointing")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--reward", default="pickscore", choices=("pickscore", "aesthetic"))
+    ap.add_argument("--append", action="store_true", help="add these configurations to the rows already in "
+                    "benchmarks/results/realsize_cpu_<family>.json (e.g. to run a large one on its own)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--height", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--k", help=argparse.SUPPRESS)
@@ -181,7 +183,9 @@ def main(argv=None):
                                      f"from bench_realsize_cpu import ensure_assets; import json; "
                                      f"print(json.dumps(ensure_assets({a.family!r}, {a.reward!r})))"], timeout=3600)
     assets = ensure_assets(a.family, a.reward)  # now only the paths
-    rows = []
+    name = f"realsize_cpu_{a.family}"
+    previous = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
+    rows = json.load(open(previous))["rows"] if a.append and os.path.isfile(previous) else []
     for spec in a.configs.split(","):
         height, k = spec.split(":")
         log(f"{a.family} {height} px, T={a.steps}, K={k}: one step in a fresh process")
@@ -194,7 +198,6 @@ def main(argv=None):
 
     checks = check_against(rows)
     data = {"benchmark": "realsize_cpu", "machine": machine_info(), "rows": rows, "memory_model": checks}
-    name = f"realsize_cpu_{a.family}"
     write_json(name, data)
     table = md_table(["px", "T", "K", "sampler ckpt", "s/step", "weights GiB", "UNet steps +GiB", "decode +GiB",
                       "reward +GiB", "peak RSS GiB", "model GiB", "model error"],
