@@ -81,7 +81,8 @@ def predict(coef: Dict[str, float], family: str, k: int, steps: int, micro_batch
         "lora_state": lora_state,
         "unet_steps": coef["unet"] * calls * 2 * micro_batch * latent_px * act
         + (k * micro_batch * 4 * latent_px * 4 if sampler_checkpointing else 0),
-        "decode": coef["vae"] * micro_batch * height * width * act,
+        # SDXL's VAE has force_upcast: it decodes in fp32 even under autocast
+        "decode": coef["vae"] * micro_batch * height * width * (4 if vae_dtype == "fp32" else act),
         "reward": coef["reward"] * micro_batch * act,
         "backward": coef["bwd"] * micro_batch * height * width * act,
     }
