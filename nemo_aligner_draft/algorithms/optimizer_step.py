@@ -72,7 +72,8 @@ def global_grad_norm(model, grads: List[torch.Tensor]) -> torch.Tensor:
     are finite while their fp32 norm need not be). When each rank holds a shard of the gradients
     (``model.gradients_sharded``: FSDP) the squares are summed over the data-parallel group; under DDP
     every rank holds the all-reduced gradients and its own norm is the global one."""
-    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    # a rank whose shard holds no gradient still joins the all-reduce, on the model's device (NCCL)
+    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else getattr(model, "device", None))
     for g in grads:
         sq = sq + torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
     if getattr(model, "gradients_sharded", False) and torch.distributed.is_initialized():
@@ -109,7 +110,8 @@ class OptimizerStep:
             self.started = time.perf_counter()
 
     def backward(self, loss: torch.Tensor, metrics: Dict, scale: float = 1.0) -> None:
-        """Backpropagate ``loss · scale`` (the share of this micro-batch in the step) if it is finite.
+        """Backpropagate ``loss · scale`` (the share of this micro-batch in the step); a non-finite loss
+        marks the window bad and is backpropagated as zero.
 
         Every rank runs a backward for every micro-batch, whatever its loss: DDP's gradient all-reduce
         is a collective, and a rank that skipped it would leave the others waiting. A loss without a
