@@ -452,21 +452,11 @@ def load_clip_embedder(emb_model: Mapping, key: str, *, penultimate: bool):
 def _open_clip_tokenizer(max_length: int):
     """open_clip.tokenize's tokens as a ``CLIPTokenizer``: CLIP's BPE, ``<|startoftext|>``/``<|endoftext|>``,
     padding with id 0 (``"!"``)."""
-    import tempfile
-
     from transformers import CLIPTokenizer
 
-    from ..embedded.tokenizer import write_clip_tokenizer
+    from ..embedded.tokenizer import cached_clip_tokenizer_dir
 
-    d = os.path.join(tempfile.gettempdir(), "nemo_aligner_draft_open_clip_tokenizer")
-    if not os.path.isfile(os.path.join(d, "merges.txt")):
-        tmp = tempfile.mkdtemp(dir=tempfile.gettempdir())
-        write_clip_tokenizer(tmp)
-        try:
-            os.replace(tmp, d)
-        except OSError:  # another process wrote it first
-            pass
-    tok = CLIPTokenizer.from_pretrained(d, local_files_only=True)
+    tok = CLIPTokenizer.from_pretrained(cached_clip_tokenizer_dir(), local_files_only=True)
     tok.pad_token = "!"
     tok.model_max_length = int(max_length)
     return tok

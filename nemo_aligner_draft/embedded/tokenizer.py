@@ -73,3 +73,19 @@ def load_clip_tokenizer(cache_dir: str, model_max_length: int = 77):
     if not os.path.isfile(os.path.join(cache_dir, "vocab.json")):
         write_clip_tokenizer(cache_dir, model_max_length)
     return CLIPTokenizer.from_pretrained(cache_dir, local_files_only=True)
+
+
+def cached_clip_tokenizer_dir() -> str:
+    """:func:`write_clip_tokenizer`'s files, written once into the temp directory and shared by every
+    process (written to a sibling and renamed, so a reader never sees half a tokenizer)."""
+    import tempfile
+
+    d = os.path.join(tempfile.gettempdir(), "nemo_aligner_draft_clip_tokenizer")
+    if not os.path.isfile(os.path.join(d, "merges.txt")):
+        tmp = tempfile.mkdtemp(dir=tempfile.gettempdir())
+        write_clip_tokenizer(tmp)
+        try:
+            os.replace(tmp, d)
+        except OSError:  # another process wrote it first
+            pass
+    return d

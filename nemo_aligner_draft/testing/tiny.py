@@ -5,10 +5,10 @@ a ×8 VAE with 4 latent channels; a 2-layer CLIP text encoder of width 32 over t
 """
 from __future__ import annotations
 
-import os
-import tempfile
 
 import torch
+
+from ..embedded.tokenizer import cached_clip_tokenizer_dir
 
 TINY_UNET = dict(
     block_out_channels=(32, 64),
@@ -35,24 +35,10 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, nu
                  vocab_size=49408, max_position_embeddings=77, projection_dim=32)
 
 
-def _tokenizer_dir() -> str:
-    d = os.path.join(tempfile.gettempdir(), "nemo_aligner_draft_clip_tokenizer")
-    from ..embedded.tokenizer import write_clip_tokenizer
-
-    if not os.path.isfile(os.path.join(d, "merges.txt")):
-        tmp = tempfile.mkdtemp(dir=tempfile.gettempdir())
-        write_clip_tokenizer(tmp)
-        try:
-            os.replace(tmp, d)
-        except OSError:  # another process won the race
-            pass
-    return d
-
-
 def clip_tokenizer():
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(_tokenizer_dir(), local_files_only=True)
+    return CLIPTokenizer.from_pretrained(cached_clip_tokenizer_dir(), local_files_only=True)
 
 
 def build_tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):

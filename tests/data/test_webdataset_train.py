@@ -3,11 +3,9 @@
 before training (``max_epochs`` caps the steps), bad shards stop the run before anything exists, and a
 run killed with SIGKILL resumes bit-identical from a tar source across epoch boundaries."""
 import os
-import signal
-import time
 
-from reliability_helpers import assert_same_training_state, last_checkpoint, load_ckpt, run_cli, start_cli, tiny_args
-from test_resume_sigkill import _checkpointed_step
+from reliability_helpers import (assert_same_training_state, last_checkpoint, load_ckpt, run_cli, sigkill_after_checkpoint,
+                                 start_cli, tiny_args)
 from wds_helpers import write_samples, write_shard
 
 SEEN = []  # prompts the recording reward was asked to score (in-process runs)
@@ -75,15 +73,7 @@ def test_sigkill_then_resume_from_a_tar_is_bit_identical(tiny_sd_dir, tmp_path):
     ref_dir, victim_dir = str(tmp_path / "reference"), str(tmp_path / "victim")
     ref = start_cli(tiny_args(tiny_sd_dir, ref_dir, STEPS, extra), tmp_path, tmp_path / "reference.log")
     victim_args = tiny_args(tiny_sd_dir, victim_dir, STEPS, extra)
-    victim = start_cli(victim_args, tmp_path, tmp_path / "victim.log")
-    deadline = time.monotonic() + 240
-    while _checkpointed_step(victim_dir) < KILL_AFTER:
-        assert victim.poll() is None, "the run ended before it could be killed:\n" + open(tmp_path / "victim.log").read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    assert victim.wait() == -signal.SIGKILL
-    killed_at = _checkpointed_step(victim_dir)
+    killed_at = sigkill_after_checkpoint(victim_args, victim_dir, tmp_path, KILL_AFTER)
     assert KILL_AFTER <= killed_at < STEPS
 
     resumed = run_cli(victim_args, tmp_path)

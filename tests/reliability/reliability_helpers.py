@@ -1,7 +1,11 @@
 """Shared pieces of the reliability tests: the tiny-run overrides and how to run the real CLI."""
+import glob
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -67,3 +71,27 @@ def assert_same_training_state(a, b):
             for name, v in x["state"][i].items():
                 assert torch.equal(v, y["state"][i][name]), f"optimizer state {i}.{name} differs"
     assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def checkpointed_step(run_dir):
+    """Newest *complete* last checkpoint: NeMo marks one being written (model, then its -EMA twin)
+    with ``<name>-unfinished`` until both are on disk."""
+    steps = [int(m.group(1)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*last.ckpt"))
+             if (m := re.search(r"step=(\d+)", os.path.basename(p)))
+             and not os.path.exists(p.removesuffix(".ckpt") + "-unfinished")]
+    return max(steps, default=-1)
+
+
+def sigkill_after_checkpoint(args, run_dir, cwd, kill_after, timeout=240):
+    """Start a training run, SIGKILL it as soon as a complete checkpoint of step ``kill_after`` or
+    later is on disk, and return the step of the newest complete checkpoint it left."""
+    log_path = os.path.join(str(cwd), os.path.basename(str(run_dir)) + ".log")
+    victim = start_cli(args, cwd, log_path)
+    deadline = time.monotonic() + timeout
+    while checkpointed_step(run_dir) < kill_after:
+        assert victim.poll() is None, "the run ended before it could be killed:\n" + open(log_path).read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    return checkpointed_step(run_dir)

@@ -4,27 +4,18 @@ and the EMA weights of exp_manager.ema).
 
 Both runs go through the real entry point in subprocesses; the victim is killed as soon as its
 checkpoint for step >= 3 of 10 exists, while it keeps training."""
-import glob
 import os
 import re
-import signal
-import time
 
 import torch
 
-from reliability_helpers import assert_same_training_state, last_checkpoint, load_ckpt, run_cli, start_cli, tiny_args
+from reliability_helpers import (assert_same_training_state, last_checkpoint, load_ckpt, run_cli, sigkill_after_checkpoint,
+                                 start_cli, tiny_args)
 
 STEPS = 8
 KILL_AFTER = 3
 
 
-def _checkpointed_step(run_dir):
-    """Newest *complete* last checkpoint: NeMo marks one being written (model, then its -EMA twin)
-    with ``<name>-unfinished`` until both are on disk."""
-    steps = [int(m.group(1)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*last.ckpt"))
-             if (m := re.search(r"step=(\d+)", os.path.basename(p)))
-             and not os.path.exists(p.removesuffix(".ckpt") + "-unfinished")]
-    return max(steps, default=-1)
 
 
 def test_sigkill_mid_training_then_resume_is_bit_identical(tiny_sd_dir, tmp_path):
@@ -33,15 +24,7 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tiny_sd_dir, tmp_path
     ref_dir, victim_dir = str(tmp_path / "reference"), str(tmp_path / "victim")
     ref = start_cli(tiny_args(tiny_sd_dir, ref_dir, STEPS, extra), tmp_path, tmp_path / "reference.log")
     victim_args = tiny_args(tiny_sd_dir, victim_dir, STEPS, extra)
-    victim = start_cli(victim_args, tmp_path, tmp_path / "victim.log")
-    deadline = time.monotonic() + 240
-    while _checkpointed_step(victim_dir) < KILL_AFTER:
-        assert victim.poll() is None, "the run ended before it could be killed:\n" + open(tmp_path / "victim.log").read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    assert victim.wait() == -signal.SIGKILL
-    killed_at = _checkpointed_step(victim_dir)
+    killed_at = sigkill_after_checkpoint(victim_args, victim_dir, tmp_path, KILL_AFTER)
     assert killed_at < STEPS, "killed mid-training, not after the end"
     assert not os.path.exists(os.path.join(victim_dir, "checkpoints", "draftp_tiny.nemo"))
 
