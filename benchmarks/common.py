@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
-RESULTS = os.path.join(BENCH, "results")
+RESULTS = os.environ.get("NAD_RESULTS_DIR") or os.path.join(BENCH, "results")  # gpu_check.sh points it at $OUT
 TMP = os.path.join(RESULTS, "tmp")  # git-ignored: saved tiny pipelines, scratch
 OUR_PYTHON = os.environ.get("OUR_PYTHON", os.path.join(ROOT, ".venv", "bin", "python"))
 if not os.path.exists(OUR_PYTHON):

@@ -54,6 +54,12 @@ def grad_scaler(model):
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP's parameters and gradients); a plain tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def window_mean(window: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """Metrics of one optimizer step from those of its equal-sized micro-batches: the mean of each,
     except ``reward_std``, which is pooled (the population std of all the window's rewards)."""
@@ -74,8 +80,8 @@ def global_grad_norm(model, grads: List[torch.Tensor]) -> torch.Tensor:
     every rank holds the all-reduced gradients and its own norm is the global one."""
     # a rank whose shard holds no gradient still joins the all-reduce, on the model's device (NCCL)
     sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else getattr(model, "device", None))
-    for g in grads:
-        sq = sq + torch.linalg.vector_norm(g, dtype=torch.float64) ** 2
+    for g in grads:  # a DTensor gradient (FSDP) contributes its local shard; the all-reduce sums them
+        sq = sq + torch.linalg.vector_norm(local_shard(g), dtype=torch.float64) ** 2
     if getattr(model, "gradients_sharded", False) and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sq, group=getattr(model, "dp_group", None))
     return sq.sqrt()
@@ -121,7 +127,7 @@ class OptimizerStep:
         if not finite:
             self.bad = True
         if not finite or not loss.requires_grad:
-            loss = 0.0 * sum(p.sum() for p in self.model.backend.trainable_parameters())
+            loss = 0.0 * sum(local_shard(p).sum() for p in self.model.backend.trainable_parameters())
         self.model.manual_backward(loss * scale)
         self.metrics.append({k: torch.as_tensor(v).detach().float() for k, v in metrics.items()})
 

@@ -143,6 +143,9 @@ class DiffusionBackend:
 
     family = "base"
     default_sampler = "ddim"
+    #: the sampler's checkpointed steps return gradients to the network's parameters themselves (one
+    #: autograd node per step, core/sampler.py); False where they are sharded (trainer.strategy=fsdp)
+    exact_step_checkpoint = True
 
     def __init__(self, net, vae, text_encoders: Sequence, tokenizers: Sequence, scheduler,
                  frozen_dtype: torch.dtype = torch.float32):
@@ -213,7 +216,16 @@ class DiffusionBackend:
 
     def denoiser(self, cond: Conditioning, guidance_scale: float, net=None):
         """A :data:`~..core.sampler.Denoiser` with classifier-free guidance:
-        out = out_u + w·(out_c − out_u), one batched network call for both halves."""
+        out = out_u + w·(out_c − out_u), one batched network call for both halves.
+
+        The callable carries ``grad_tensors`` (see :func:`~..core.sampler.denoiser_grad_tensors`): the
+        network's parameters and the conditioning tensors that require grad, listed when sampling
+        starts, so that the sampler's checkpointing records one autograd node per step. A backend whose
+        parameters are not plain tensors the gradient can be returned to (FSDP's sharded DTensors, whose
+        gradients must pass through FSDP's own hooks) sets ``exact_step_checkpoint = False`` on itself:
+        the attribute is then left off and the sampler uses torch's checkpoint."""
+        from ..core.sampler import tensors_requiring_grad
+
         net = net if net is not None else self.net
         w = float(guidance_scale)
         conditioning = cond.cond if w == 1.0 else _cat(cond.uncond, cond.cond)
@@ -225,6 +237,8 @@ class DiffusionBackend:
             out_u, out_c = self._net_call(net, torch.cat([x_in, x_in]), t2, conditioning).chunk(2)
             return out_u + w * (out_c - out_u)
 
+        if self.exact_step_checkpoint:
+            fn.grad_tensors = lambda: tensors_requiring_grad(net.parameters(), conditioning)
         return fn
 
     def reference_denoiser(self, cond: Conditioning, guidance_scale: float):
@@ -233,7 +247,7 @@ class DiffusionBackend:
             raise RuntimeError("no reference model: call backend.setup_reference() first")
         ref = self.reference_model
 
-        def fn(x_in, t):
+        def fn(x_in, t):  # no grad_tensors: never differentiated, never checkpointed
             with ref.view() as net:
                 return self.denoiser(cond, guidance_scale, net=net)(x_in, t)
 

@@ -316,19 +316,19 @@ def build_trainer(cfg, max_steps: int, accumulation: int):
 
 def build_strategy(t, accelerator: str, gradient_as_bucket_view: bool = True):
     """Lightning strategy for ``trainer.strategy``: DDP (gloo on CPU, NCCL on GPU) whenever the world
-    has more than one process, FSDP on request. The gradient all-reduce is Lightning's, never ours."""
+    has more than one process, sharded FSDP on request (models/fsdp.py). The gradient all-reduce or
+    reduce-scatter is the strategy's, never ours."""
     import torch
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy
 
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     backend = "nccl" if on_gpu else "gloo"
     if t.strategy == "fsdp":
-        if not on_gpu:
-            raise InputError("trainer.strategy", "fsdp needs GPUs (Lightning's FSDP strategy refuses the CPU "
-                                                 "accelerator); use trainer.strategy=ddp or auto on CPU")
-        # use_orig_params: frozen (VAE, text encoders, reference) and trainable weights share flat
-        # parameters; activation checkpointing is the model's own (model.activation_checkpointing)
-        return FSDPStrategy(process_group_backend=backend, use_orig_params=True)
+        # FSDP2 by network block (models/fsdp.py), on GPUs (NCCL) and on CPU (gloo) alike; activation
+        # checkpointing stays the model's own (model.activation_checkpointing)
+        from ..models.fsdp import make_strategy
+
+        return make_strategy(world_size(t), backend)
     if t.strategy == "ddp" or (t.strategy == "auto" and world_size(t) > 1):
         return DDPStrategy(process_group_backend=backend, find_unused_parameters=False,
                            gradient_as_bucket_view=gradient_as_bucket_view)
@@ -415,13 +415,19 @@ def run(cfg, dict_cfg) -> str:
     trainer.callbacks.append(report)
     model.set_trainer(trainer)
     trainer.fit(model, ckpt_path=cfg.model.resume_from_checkpoint or getattr(trainer, "ckpt_path", None))
+    from ..models import fsdp
+
+    whole = None  # the trained network's state dict for the export: gathered by every rank when sharded
+    if fsdp.is_sharded(model.backend.net) and cfg.model.peft.peft_scheme != "none":
+        whole = fsdp.full_state_dict(model.backend.net)
     if trainer.is_global_zero and cfg.model.peft.peft_scheme != "none":
         from ..backends import get_family
 
         if get_family(model.backend.family).pipeline_class:
             from ..export.lora import export_lora
 
-            export_lora(model.backend.net, os.path.join(log_dir, "export"), family=model.backend.family)
+            export_lora(model.backend.net, os.path.join(log_dir, "export"), family=model.backend.family,
+                        state_dict=whole)
         else:
             log.info(f"model family {model.backend.family!r} has no diffusers pipeline: no LoRA export "
                      f"(the .nemo and the checkpoints hold the adapters)")

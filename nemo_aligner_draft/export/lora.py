@@ -30,8 +30,9 @@ def save_lora_file(directory: str, state: Dict[str, torch.Tensor], adapter_confi
     return os.path.join(directory, WEIGHT_NAME)
 
 
-def export_lora(unet: torch.nn.Module, out_dir: str, family: str = "sd") -> str:
-    """Write the UNet's active LoRA adapter to ``out_dir/pytorch_lora_weights.safetensors``."""
+def export_lora(unet: torch.nn.Module, out_dir: str, family: str = "sd", state_dict=None) -> str:
+    """Write the UNet's active LoRA adapter to ``out_dir/pytorch_lora_weights.safetensors``.
+    ``state_dict``: the UNet's weights when its own ``state_dict()`` would not hold them whole (FSDP)."""
     from peft.utils import get_peft_model_state_dict
 
     if not getattr(unet, "peft_config", None):
@@ -39,7 +40,7 @@ def export_lora(unet: torch.nn.Module, out_dir: str, family: str = "sd") -> str:
     adapter = next(iter(unet.peft_config))
     config = unet.peft_config[adapter]
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
-             for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
+             for k, v in get_peft_model_state_dict(unet, state_dict=state_dict, adapter_name=adapter).items()}
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     # a resumed run exports into the same out_dir again: replace the old file whole, never half-write it

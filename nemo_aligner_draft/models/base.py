@@ -235,11 +235,56 @@ class AlignmentModel(ModelPT):
 
     @property
     def gradients_sharded(self) -> bool:
-        """Whether each rank holds only a shard of the gradients (an FSDP strategy)."""
+        """Whether each rank holds only a shard of the gradients (``trainer.strategy=fsdp``)."""
         from lightning.pytorch.strategies import FSDPStrategy
 
+        from .fsdp import ShardedStrategy
+
         trainer = getattr(self, "_trainer", None)
-        return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+        return trainer is not None and isinstance(trainer.strategy, (FSDPStrategy, ShardedStrategy))
+
+    def configure_model(self) -> None:
+        """``trainer.strategy=fsdp``: shard the trained network and the full-fine-tune reference by block
+        over the data-parallel mesh (models/fsdp.py). Other strategies: nothing to do."""
+        from . import fsdp
+
+        trainer = getattr(self, "_trainer", None)
+        strategy = getattr(trainer, "strategy", None)
+        if not isinstance(strategy, fsdp.ShardedStrategy) or fsdp.is_sharded(self.backend.net):
+            return
+        mesh = strategy.device_mesh["data_parallel"]
+        fsdp.shard_network(self.backend.net, mesh)
+        ref = self.backend.reference_model
+        if ref is not None and ref.frozen is not None:
+            fsdp.shard_network(ref.frozen, mesh)
+        # sharded parameters take their gradients through FSDP's hooks: the sampler's checkpointed steps
+        # use torch's checkpoint, not the explicit-inputs one (core/sampler.py)
+        self.backend.exact_step_checkpoint = False
+
+    def on_after_backward(self) -> None:
+        from . import fsdp
+
+        if fsdp.is_sharded(self.backend.net):
+            fsdp.reshard_all(self.backend.net)
+
+    def save_to(self, save_path: str):
+        """The ``.nemo`` archive. Under ``trainer.strategy=fsdp`` every rank first gathers the sharded
+        weights (:func:`.fsdp.full_state_dict`) and rank 0 archives the whole tensors."""
+        from . import fsdp
+
+        if not fsdp.is_sharded(self.backend.net):
+            return super().save_to(save_path)
+        self._gathered_state = fsdp.full_state_dict(self)
+        try:
+            return super().save_to(save_path)
+        finally:
+            self._gathered_state = None
+
+    def state_dict(self, *args, **kwargs):
+        gathered = getattr(self, "_gathered_state", None)
+        if gathered is not None and not args and not kwargs:
+            return dict(gathered)
+        return super().state_dict(*args, **kwargs)
 
     @property
     def dp_group(self):

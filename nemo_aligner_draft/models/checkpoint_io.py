@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 from typing import List
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -39,7 +40,8 @@ def _unfinished_marker(path: str) -> str:
 def tidy_checkpoint_dir(directory: str) -> List[str]:
     """Make a killed run's checkpoint directory resumable; return what was moved or removed.
 
-    * ``*.tmp-<pid>`` files of processes that no longer run are half-written checkpoints: removed.
+    * ``*.tmp-<pid>`` files (or shard directories) of processes that no longer run are half-written
+      checkpoints: removed.
     * More than one complete ``*last.ckpt`` happens when a run dies between writing the new last
       checkpoint and deleting the previous one; NeMo's resume then refuses to choose. The newest
       (highest ``step=``, then modification time) stays; older ones are renamed to ``*.stale``.
@@ -50,10 +52,14 @@ def tidy_checkpoint_dir(directory: str) -> List[str]:
     for tmp in glob.glob(os.path.join(directory, f"*{TMP_MARK}*")):
         suffix = tmp.rsplit(TMP_MARK, 1)[1]
         if suffix.isdigit() and not _pid_alive(int(suffix)):
-            os.unlink(tmp)
+            if os.path.isdir(tmp):  # a sharded checkpoint's scratch directory (models/fsdp.py)
+                shutil.rmtree(tmp)
+            else:
+                os.unlink(tmp)
             changed.append(tmp)
+    # a checkpoint is a file, or a directory of shards (trainer.strategy=fsdp)
     lasts = [p for p in glob.glob(os.path.join(directory, "*last.ckpt"))
-             if not os.path.exists(_unfinished_marker(p)) and os.path.isfile(p)]
+             if not os.path.exists(_unfinished_marker(p)) and os.path.exists(p)]
     if len(lasts) > 1:
         lasts.sort(key=lambda p: (_step_of(p), os.path.getmtime(p)))
         for old in lasts[:-1]:

@@ -81,7 +81,8 @@ def data_parallel_size() -> int:
 
 class RankDump(Callback):
     """Diagnostics for multi-process runs: ``<dir>/rank<global rank>.pt`` holds this rank's trainable
-    parameters at the start and the end of training, the prompts it trained on (in order), its
+    parameters at the start and the end of training (whole, gathered when sharded), the elements of the
+    network and of a frozen reference it holds (its shards) and in all, the prompts it trained on (in order), its
     data-parallel rank/size and the initial latents ``[micro, C, h, w]`` of its first micro-batch,
     re-drawn through the model's own sampling setup."""
 
@@ -92,7 +93,23 @@ class RankDump(Callback):
 
     @staticmethod
     def _trainable(pl_module):
-        return {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        """Whole tensors (a sharded one is gathered: every rank calls this)."""
+        out = {}
+        for n, p in pl_module.named_parameters():
+            if p.requires_grad:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                out[n] = full.detach().cpu().clone()
+        return out
+
+    @staticmethod
+    def _held(module):
+        """Elements of ``module``'s parameters this rank holds (its shards) and in all; (0, 0) for None."""
+        held = total = 0
+        for p in module.parameters() if module is not None else ():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            held += local.numel()
+            total += p.numel()
+        return held, total
 
     def on_train_start(self, trainer, pl_module):
         self.initial = self._trainable(pl_module)
@@ -108,7 +125,12 @@ class RankDump(Callback):
         group = pl_module.dp_group
         from megatron.core import parallel_state
 
+        ref = pl_module.backend.reference_model
         state = {"params": self._trainable(pl_module), "initial_params": self.initial,
+                 "net_elements": self._held(pl_module.backend.net),
+                 "net_plain_parameters": [n for n, p in pl_module.backend.net.named_parameters()
+                                          if not hasattr(p, "to_local")],
+                 "frozen_reference_elements": self._held(ref.frozen if ref is not None else None),
                  "dp_group_ranks": dist.get_process_group_ranks(group) if group is not None else None,
                  "dp_group_from_megatron": parallel_state.model_parallel_is_initialized()
                                            and group is parallel_state.get_data_parallel_group(),

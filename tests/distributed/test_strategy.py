@@ -1,10 +1,8 @@
-"""Strategy selection (cli/train.py::build_strategy). Lightning's FSDP strategy refuses the CPU
-accelerator ("The strategy `fsdp` requires a GPU accelerator"), so FSDP is checked here by
-construction only; the CPU request gets a clear config error instead of Lightning's traceback."""
+"""Strategy selection (cli/train.py::build_strategy). FSDP training itself runs in test_fsdp.py."""
 from types import SimpleNamespace
 
 import pytest
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy
 
 from nemo_aligner_draft.cli.train import build_strategy
 
@@ -13,19 +11,15 @@ def _t(strategy="auto", devices=1, num_nodes=1):
     return SimpleNamespace(strategy=strategy, devices=devices, num_nodes=num_nodes)
 
 
-def test_fsdp_on_gpu_is_lightning_fsdp_with_nccl_and_orig_params():
-    s = build_strategy(_t("fsdp", devices=8, num_nodes=2), "gpu")
-    assert isinstance(s, FSDPStrategy)
-    assert s._process_group_backend == "nccl"
-    assert s.kwargs.get("use_orig_params") is True
+@pytest.mark.parametrize("accelerator,backend", [("cpu", "gloo"), ("gpu", "nccl")])
+def test_fsdp_is_the_sharding_strategy_over_every_process(accelerator, backend):
+    from nemo_aligner_draft.models.fsdp import ShardedStrategy
 
-
-def test_fsdp_on_cpu_is_refused_naming_the_key():
-    from nemo_aligner_draft.errors import InputError
-
-    with pytest.raises(InputError, match=r"^trainer\.strategy: fsdp needs GPUs") as e:
-        build_strategy(_t("fsdp"), "cpu")
-    assert e.value.key == "trainer.strategy"
+    s = build_strategy(_t("fsdp", devices=8, num_nodes=2), accelerator)
+    assert isinstance(s, ShardedStrategy)
+    assert s.process_group_backend == backend
+    # one data-parallel mesh dimension over all 16 processes, no tensor parallelism
+    assert (s._data_parallel_size, s._tensor_parallel_size) == (16, 1)
 
 
 @pytest.mark.parametrize("accelerator,backend", [("cpu", "gloo"), ("gpu", "nccl")])
