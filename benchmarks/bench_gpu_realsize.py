@@ -109,7 +109,6 @@ def run_config(backend, k: int, ckpt: bool, steps: int, height: int, rank: int, 
     # remove this configuration's adapter so the next one starts from the bare UNet
     backend.net.delete_adapters(backend.net.active_adapters())
     lora = sum(p.numel() for p in params)
-    del params, opt
     if cuda:
         torch.cuda.empty_cache()
     return {"K": k, "checkpoint": ckpt, "step_s": times, "step_s_median": median(times), "peak_gib": peak,

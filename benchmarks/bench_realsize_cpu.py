@@ -1,6 +1,7 @@
 """Full-size DRaFT+ steps on CPU: SD1.5 (or SDXL) architecture with random weights, saved as a diffusers
 pipeline in fp16 and loaded through the package's own loader, a full-size reward (PickScore: CLIP
-ViT-H-14, saved as a HF CLIPModel directory), LoRA rank 32 on sdlora's modules, activation
+ViT-H-14, saved as a HF CLIPModel directory; or ``--reward aesthetic``: CLIP ViT-L/14 and the LAION MLP
+head in its released state-dict layout), LoRA rank 32 on sdlora's modules, activation
 checkpointing on, micro-batch 1, CFG 7.5, fp32 (CPU has no bf16 autocast worth measuring).
 
 Each configuration runs in its own process (peak RSS is per process) for one training step and
@@ -16,6 +17,7 @@ The memory model (``benchmarks/memory_model.py``) is fitted on the smallest conf
 predictions for the others are written beside the measurements.
 
 Usage: python benchmarks/bench_realsize_cpu.py [--family sd] [--steps 4] [--configs 256:1,512:1,512:all]
+       [--reward pickscore|aesthetic] [--append]
 """
 from __future__ import annotations
 
@@ -78,6 +80,16 @@ def ensure_assets(family: str, reward: str) -> dict:
 
     pipe = os.path.join(TMP, f"realsize_{family}")
     clip = os.path.join(TMP, f"realsize_clip_{reward}")
+    head = os.path.join(TMP, "realsize_aesthetic_head.pth")
+    if reward == "aesthetic" and not os.path.isfile(head):
+        # LAION's released head is torch.save(model.state_dict()) of its MLP: layers.{0,2,4,6,7}.*
+        import torch
+
+        from nemo_aligner_draft.files import atomic_torch_save
+        from nemo_aligner_draft.rewards.aesthetic import AestheticHead
+
+        torch.manual_seed(0)
+        atomic_torch_save(AestheticHead(768).state_dict(), head)
     for path, what, save in ((pipe, f"a random {family} pipeline of the published shapes",
                               lambda d: save_pipeline(family, d)),
                              (clip, f"a random {reward} CLIP backbone", lambda d: save_reward_clip(reward, d))):
@@ -87,7 +99,7 @@ def ensure_assets(family: str, reward: str) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
             save(tmp)
             os.replace(tmp, path)
-    return {"pipeline": pipe, "clip": clip}
+    return {"pipeline": pipe, "clip": clip, "head": head if reward == "aesthetic" else None}
 
 
 def params_bytes(module) -> int:
@@ -104,7 +116,10 @@ def child(a) -> dict:
     torch.set_num_threads(1)
     rss0 = rss_bytes()
     backend = load_backend(a.pipeline, frozen_dtype=torch.float32)
-    reward = build_reward(a.reward, path=a.clip)
+    if a.reward == "aesthetic":  # the MLP head file, and the ViT-L/14 it reads embeddings from
+        reward = build_reward("aesthetic", path=a.head, clip_path=a.clip)
+    else:
+        reward = build_reward(a.reward, path=a.clip)
     reward.freeze()
     family = backend.family
     params = backend.add_lora(a.rank, a.rank, lora_targets(family, "sdlora"))
@@ -172,9 +187,8 @@ def main(argv=None):
     ap.add_argument("--k", help=argparse.SUPPRESS)
     ap.add_argument("--pipeline", help=argparse.SUPPRESS)
     ap.add_argument("--clip", help=argparse.SUPPRESS)
+    ap.add_argument("--head", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.reward == "aesthetic":
-        raise SystemExit("bench_realsize_cpu: the aesthetic reward needs its MLP head file too; use pickscore")
     if a.child:
         print(json.dumps(child(a)))
         return None
@@ -192,21 +206,23 @@ def main(argv=None):
         rows.append(run_worker(sys.executable, os.path.abspath(__file__),
                                ["--child", f"--family={a.family}", f"--steps={a.steps}", f"--height={height}",
                                 f"--k={k}", f"--rank={a.rank}", f"--reward={a.reward}",
-                                f"--pipeline={assets['pipeline']}", f"--clip={assets['clip']}"], timeout=7200))
+                                f"--pipeline={assets['pipeline']}", f"--clip={assets['clip']}",
+                                *([f"--head={assets['head']}"] if assets["head"] else [])], timeout=7200))
         log(f"  {rows[-1]['step_s']:.0f} s, peak RSS {rows[-1]['peak_rss_gib']:.2f} GiB")
     from memory_model import check_against
 
     checks = check_against(rows)
     data = {"benchmark": "realsize_cpu", "machine": machine_info(), "rows": rows, "memory_model": checks}
     write_json(name, data)
-    table = md_table(["px", "T", "K", "sampler ckpt", "s/step", "weights GiB", "UNet steps +GiB", "decode +GiB",
-                      "reward +GiB", "peak RSS GiB", "model GiB", "model error"],
-                     [[r["height"], r["steps"], r["K"], "yes" if r["sampler_checkpointing"] else "no", r["step_s"],
+    table = md_table(["reward", "px", "T", "K", "sampler ckpt", "s/step", "weights GiB", "UNet steps +GiB",
+                      "decode +GiB", "reward +GiB", "peak RSS GiB", "model GiB", "model error"],
+                     [[r["reward"], r["height"], r["steps"], r["K"], "yes" if r["sampler_checkpointing"] else "no",
+                       r["step_s"],
                        sum(r["weights_gib"].values()), r["added_gib"]["unet_steps"], r["added_gib"]["decode"],
                        r["added_gib"]["reward"], r["peak_rss_gib"], c["predicted_gib"], c["error"]]
                       for r, c in zip(rows, checks["rows"])])
     text = (f"### Full-size {a.family} DRaFT+ step on CPU (fp32, LoRA r{a.rank}, activation checkpointing, "
-            f"micro-batch 1, CFG, reward {a.reward})\n\n{table}\n\nMemory model fitted on: {checks['fitted_on']}; "
+            f"micro-batch 1, CFG)\n\n{table}\n\nMemory model fitted on: {checks['fitted_on']}; "
             f"coefficients {checks['coefficients']}.\n")
     write_markdown(name, text)
     print(text)

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -143,6 +143,33 @@ def pyplot():
     return plt
 
 
+def _link_or_copy(src: str, dst: str) -> str:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def ensure_realsize_sd(family: str = "sd") -> str:
+    """The full-size architecture of ``family`` (``nemo_aligner_draft.testing.realsize``; SD1.5 for
+    ``sd``) with random weights, saved once in **fp32** so that every environment loads the very same
+    fp32 tensors (no dtype conversion on load). Written by a process of its own, to a sibling directory
+    that is renamed when complete."""
+    path = os.path.join(TMP, f"realsize_{family}_fp32")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        log(f"saving a random full-size {family} pipeline (published shapes, fp32) to {path}")
+        os.makedirs(TMP, exist_ok=True)
+        tmp = path + ".partial"
+        subprocess.run([OUR_PYTHON, "-c", "import sys, shutil, torch, os; shutil.rmtree(sys.argv[2], ignore_errors=True); "
+                        "from nemo_aligner_draft.testing.realsize import save_pipeline; "
+                        "save_pipeline(sys.argv[1], sys.argv[2], torch.float32); os.replace(sys.argv[2], sys.argv[3])",
+                        family, tmp, path], check=True, cwd=ROOT, env=_env())
+    return path
+
+
 def peer_pipeline_copy(src: str) -> str:
     """The same pipeline, readable by the peer's older transformers (4.57): text-encoder keys with
     the ``text_model.`` prefix and a slow-tokenizer directory (vocab.json / merges.txt). The UNet,
@@ -157,12 +184,16 @@ def peer_pipeline_copy(src: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for sub in ("unet", "vae", "scheduler"):
-        shutil.copytree(os.path.join(src, sub), os.path.join(tmp, sub))
+        # hard links where the file system allows (the full-size UNet is 3.4 GB in fp32): same bytes
+        shutil.copytree(os.path.join(src, sub), os.path.join(tmp, sub), copy_function=_link_or_copy)
     shutil.copy(os.path.join(src, "model_index.json"), tmp)
     code = (
         "import os, sys, shutil, json\n"
         "from safetensors.torch import load_file, save_file\n"
-        "from nemo_aligner_draft.testing.tiny import _tokenizer_dir\n"
+        "try:\n"
+        "    from nemo_aligner_draft.embedded.tokenizer import cached_clip_tokenizer_dir as _tokenizer_dir\n"
+        "except ImportError:  # older checkouts\n"
+        "    from nemo_aligner_draft.testing.tiny import _tokenizer_dir\n"
         "src, dst = sys.argv[1], sys.argv[2]\n"
         "os.makedirs(os.path.join(dst, 'text_encoder'))\n"
         "sd = load_file(os.path.join(src, 'text_encoder', 'model.safetensors'))\n"

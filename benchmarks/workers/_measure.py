@@ -35,8 +35,23 @@ def timed_steps(step, warmup: int, repeats: int, label: str):
     return times, rss_before, peak_before
 
 
+def fault_in(*modules) -> None:
+    """Read every parameter and buffer once. Weights loaded from safetensors may be memory-mapped and
+    paged in only on first use; touching them here puts them in the RSS measured *before* the first
+    step, so "memory added by training" does not count the weights being paged in."""
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.numel():
+                float(t.detach().reshape(-1)[::1024].sum())  # one element per 4 KiB page of fp32
+
+
 def emit(result: dict) -> None:
-    result["peak_rss_mb"] = peak_rss_mb()
+    """Print the result as the last stdout line; ``peak_rss_mb`` is the process's high-water RSS unless
+    the worker already set it (e.g. a snapshot taken before a second measurement in the same process)."""
+    result.setdefault("peak_rss_mb", peak_rss_mb())
+    pkg = sys.modules.get("nemo_aligner_draft")  # which copy of our package ran (None in the peer venv)
+    if pkg is not None:
+        result.setdefault("package_file", pkg.__file__)
     print(json.dumps(result), flush=True)
 
 

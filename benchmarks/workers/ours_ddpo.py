@@ -11,7 +11,7 @@ from _measure import emit, one_thread, rss_mb, timed_steps
 
 torch = one_thread()
 
-from nemo_aligner_draft.backends import load_backend, lora_targets  # noqa: E402
+from nemo_aligner_draft.backends import load_backend  # noqa: E402
 from nemo_aligner_draft.core.ddpo import DDPOConfig, ddpo_rollout, ddpo_step_loss, iter_train_minibatches  # noqa: E402
 from nemo_aligner_draft.core.stat_tracking import batch_advantages  # noqa: E402
 
@@ -22,10 +22,12 @@ def main():
     rss_import = rss_mb()
     torch.manual_seed(0)
     backend = load_backend(path)
-    params = backend.add_lora(4, 4, lora_targets("sd", "sdlora"))
+    # trl's DDPO LoRA (DefaultDDPOStableDiffusionPipeline): r=4, alpha=4 on the attention projections only
+    params = backend.add_lora(4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
     rule = backend.step_rule(steps)
     cfg = DDPOConfig()
+    eta = 1.0  # the sampler's eta (not a DDPOConfig key)
     g = torch.Generator().manual_seed(0)
     prompts = ["a photo of a cat", "a red bicycle"] * (batch // 2 + 1)
     prompts = prompts[:batch]
@@ -34,13 +36,13 @@ def main():
         cond = backend.encode_prompts(prompts)
         den = backend.denoiser(cond, 7.5)
         latents = backend.initial_latents(batch, 64, 64, rule, generator=g)
-        roll = ddpo_rollout(den, rule, latents, cfg.eta, generator=g)
+        roll = ddpo_rollout(den, rule, latents, eta, generator=g)
         with torch.no_grad():
             adv = batch_advantages(backend.decode(roll.final).mean(dim=(1, 2, 3)))
         for mb in iter_train_minibatches(batch, batch, rule.num_steps, cfg.timestep_fraction, generator=g):
             sub = roll.select(mb.indices)
             for j in range(mb.steps.shape[1]):
-                loss, _ = ddpo_step_loss(den, rule, sub, adv[mb.indices], mb.steps[:, j], cfg, 1.0)
+                loss, _ = ddpo_step_loss(den, rule, sub, adv[mb.indices], mb.steps[:, j], cfg, eta)
                 (loss / mb.steps.shape[1]).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

@@ -1,14 +1,20 @@
 """Worker (runs in the peer venv): trl 0.23.1 ``AlignPropTrainer`` with fixed truncation at the last
 step (its K=1), LoRA (trl's own r=4/alpha=4 on to_q/k/v/out.0), no mixed precision, timed per
-``trainer.step``.
+``trainer.step``. trl's ``pipeline_step_with_grad`` (called by the trainer without a
+``gradient_checkpoint`` argument, so at its default True) wraps *every* UNet call of the chain in
+``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` under ``torch.enable_grad()`` and detaches
+the outputs of the steps before the truncation step.
 
-argv: pipeline_dir batch steps warmup repeats workdir
+argv: pipeline_dir batch steps warmup repeats workdir [height]
+
+``height``: trl samples at ``unet.config.sample_size * vae_scale_factor`` pixels and has no setting
+for it, so the worker sets the UNet's ``sample_size`` config entry (no weight depends on it).
 """
 import os
 import sys
 import warnings
 
-from _measure import emit, one_thread, rss_mb, timed_steps
+from _measure import emit, fault_in, one_thread, rss_mb, timed_steps
 
 torch = one_thread()
 warnings.filterwarnings("ignore")
@@ -19,6 +25,7 @@ from trl import AlignPropConfig, AlignPropTrainer, DefaultDDPOStableDiffusionPip
 def main():
     path, batch, steps, warmup, repeats, workdir = sys.argv[1:7]
     batch, steps, warmup, repeats = int(batch), int(steps), int(warmup), int(repeats)
+    height = int(sys.argv[7]) if len(sys.argv) > 7 else None
     rss_import = rss_mb()
     os.makedirs(workdir, exist_ok=True)
     config = AlignPropConfig(
@@ -46,7 +53,13 @@ def main():
 
     PartialState()
     pipeline = DefaultDDPOStableDiffusionPipeline(path, use_lora=True)
+    if height is not None:
+        sd = pipeline.sd_pipeline
+        sd.unet.register_to_config(sample_size=height // sd.vae_scale_factor)
     trainer = AlignPropTrainer(config, reward_fn, prompt_fn, pipeline)
+    sd = pipeline.sd_pipeline
+    fault_in(sd.unet, sd.vae, sd.text_encoder)
+    lora = [p for n, p in sd.unet.named_parameters() if p.requires_grad]
     state = {"g": 0}
 
     def step():
@@ -55,7 +68,9 @@ def main():
 
     times, rss_before, peak_before = timed_steps(step, warmup, repeats, "trl AlignProp K=1")
     emit({"impl": "trl_alignprop", "step_s": times, "images_per_step": batch, "rss_after_import_mb": rss_import,
-          "rss_before_train_mb": rss_before, "peak_rss_before_train_mb": peak_before, "rewards": rewards})
+          "rss_before_train_mb": rss_before, "peak_rss_before_train_mb": peak_before, "rewards": rewards,
+          "lora_params": sum(p.numel() for p in lora), "checkpoint": True,
+          "height": sd.unet.config.sample_size * sd.vae_scale_factor})
 
 
 if __name__ == "__main__":

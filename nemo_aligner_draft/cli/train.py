@@ -410,7 +410,8 @@ def run(cfg, dict_cfg) -> str:
             for moved in tidy_checkpoint_dir(os.path.join(planned_log_dir(cfg), "checkpoints")):
                 log.warning(f"resume: set aside {moved} (left over from an interrupted run)")
         log_dir = str(exp_manager(trainer, exp_manager_config(cfg)))
-        atomic_write_text(os.path.join(log_dir, "config.yaml"), OmegaConf.to_yaml(dict_cfg))
+        if trainer.is_global_zero:  # one writer: rank 0's exp_manager may still be moving a previous run's files
+            atomic_write_text(os.path.join(log_dir, "config.yaml"), OmegaConf.to_yaml(dict_cfg))
     report.log_dir = log_dir
     trainer.callbacks.append(report)
     model.set_trainer(trainer)

@@ -52,10 +52,13 @@ def tidy_checkpoint_dir(directory: str) -> List[str]:
     for tmp in glob.glob(os.path.join(directory, f"*{TMP_MARK}*")):
         suffix = tmp.rsplit(TMP_MARK, 1)[1]
         if suffix.isdigit() and not _pid_alive(int(suffix)):
-            if os.path.isdir(tmp):  # a sharded checkpoint's scratch directory (models/fsdp.py)
-                shutil.rmtree(tmp)
-            else:
-                os.unlink(tmp)
+            try:
+                if os.path.isdir(tmp):  # a sharded checkpoint's scratch directory (models/fsdp.py)
+                    shutil.rmtree(tmp)
+                else:
+                    os.unlink(tmp)
+            except FileNotFoundError:  # every rank tidies: another one was first
+                continue
             changed.append(tmp)
     # a checkpoint is a file, or a directory of shards (trainer.strategy=fsdp)
     lasts = [p for p in glob.glob(os.path.join(directory, "*last.ckpt"))
@@ -63,7 +66,10 @@ def tidy_checkpoint_dir(directory: str) -> List[str]:
     if len(lasts) > 1:
         lasts.sort(key=lambda p: (_step_of(p), os.path.getmtime(p)))
         for old in lasts[:-1]:
-            os.replace(old, old + ".stale")
+            try:
+                os.replace(old, old + ".stale")
+            except FileNotFoundError:  # another rank set it aside first
+                continue
             changed.append(old)
     return changed
 
