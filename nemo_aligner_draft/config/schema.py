@@ -397,6 +397,10 @@ class Config(Section):
     def rules(self):
         m, t = self.model, self.trainer
         world = _known_world(t)
+        if t.strategy == "fsdp" and self.exp_manager.ema.enable:
+            yield "exp_manager.ema.enable", ("not supported with trainer.strategy=fsdp (NeMo's EMA swaps whole "
+                                             "weights in and out of the optimizer; the sharded path does not "
+                                             "carry it): set it to false, or use trainer.strategy=ddp")
         if world and m.global_batch_size % (m.micro_batch_size * world):
             yield "model.global_batch_size", (
                 f"got {m.global_batch_size}, expected a multiple of model.micro_batch_size × data-parallel size = "

@@ -117,6 +117,8 @@ CASES = [
      ["exp_manager.explicit_log_dir: cannot create the run directory", "one.txt' is not a directory"]),
     ("run directory is a file", ["exp_manager.explicit_log_dir={d}/one.txt"],
      ["exp_manager.explicit_log_dir:", "exists and is not a directory"]),
+    ("EMA with sharded FSDP", ["trainer.strategy=fsdp", "exp_manager.ema.enable=true"],
+     ["exp_manager.ema.enable: not supported with trainer.strategy=fsdp"]),
     # ---- Lightning refuses the trainer settings
     ("GPU asked for on a CPU machine", ["trainer.accelerator=gpu"], ["trainer.accelerator:"]),
     # ---- command line
