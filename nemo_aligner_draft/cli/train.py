@@ -290,7 +290,7 @@ def build_trainer(cfg, max_steps: int, accumulation: int):
 
     t, loop = cfg.trainer, cfg.loop
     accelerator = "gpu" if t.accelerator == "cuda" else t.accelerator
-    strategy = build_strategy(t, accelerator, cfg.model.gradient_as_bucket_view)
+    strategy = build_strategy(t, accelerator, cfg.model.gradient_as_bucket_view, fsdp=cfg.model.fsdp)
     val_every = loop.val_check_interval * accumulation if loop.val_check_interval > 0 else None
     precision = t.precision if str(t.precision) != "32" else "32-true"
     callbacks = []
@@ -314,7 +314,7 @@ def build_trainer(cfg, max_steps: int, accumulation: int):
         raise InputError(key, describe(e)) from e
 
 
-def build_strategy(t, accelerator: str, gradient_as_bucket_view: bool = True):
+def build_strategy(t, accelerator: str, gradient_as_bucket_view: bool = True, fsdp: bool = False):
     """Lightning strategy for ``trainer.strategy``: DDP (gloo on CPU, NCCL on GPU) whenever the world
     has more than one process, sharded FSDP on request (models/fsdp.py). The gradient all-reduce or
     reduce-scatter is the strategy's, never ours."""
@@ -323,7 +323,7 @@ def build_strategy(t, accelerator: str, gradient_as_bucket_view: bool = True):
 
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     backend = "nccl" if on_gpu else "gloo"
-    if t.strategy == "fsdp":
+    if t.strategy == "fsdp" or fsdp:  # model.fsdp: NeMo's SD switch for the same thing
         # FSDP2 by network block (models/fsdp.py), on GPUs (NCCL) and on CPU (gloo) alike; activation
         # checkpointing stays the model's own (model.activation_checkpointing)
         from ..models.fsdp import make_strategy

@@ -251,7 +251,6 @@ MODEL_NOTICES = {
     "inductor_cudagraphs": Notice(PERFORMANCE, only=False),
     "capture_cudagraph_iters": Notice(PERFORMANCE, only=-1),
     "channels_last": Notice(PERFORMANCE, only=False),
-    "fsdp": Notice("FSDP is trainer.strategy=fsdp", only=False),
     "fsdp_set_buffer_dtype": Notice("FSDP is trainer.strategy=fsdp", only=None),
     "precache_mode": Notice("text embeddings are computed per batch", only=None),
     "apex_transformer_log_level": Notice("apex's logging level"),

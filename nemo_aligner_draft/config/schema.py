@@ -279,6 +279,7 @@ class ModelConfig(Section):
     disable_first_stage_autocast: Optional[bool] = setting(None, doc="SDXL: decode in fp32 (the VAE's force_upcast)")
     resume_from_checkpoint: Optional[str] = setting(None, doc="a training checkpoint to resume from")
     gradient_as_bucket_view: bool = setting(True, doc="DDP: gradients as views into the all-reduce buckets")
+    fsdp: bool = setting(False, doc="NeMo's SD switch: true shards the UNet with FSDP (= trainer.strategy=fsdp)")
 
     @classmethod
     def extra_sections(cls) -> Dict[str, type]:
@@ -397,7 +398,9 @@ class Config(Section):
     def rules(self):
         m, t = self.model, self.trainer
         world = _known_world(t)
-        if t.strategy == "fsdp" and self.exp_manager.ema.enable:
+        if m.fsdp and t.strategy not in ("auto", "fsdp"):
+            yield "model.fsdp", f"true asks for FSDP, but trainer.strategy is {t.strategy!r} (set one of them)"
+        if (t.strategy == "fsdp" or m.fsdp) and self.exp_manager.ema.enable:
             yield "exp_manager.ema.enable", ("not supported with trainer.strategy=fsdp (NeMo's EMA swaps whole "
                                              "weights in and out of the optimizer; the sharded path does not "
                                              "carry it): set it to false, or use trainer.strategy=ddp")

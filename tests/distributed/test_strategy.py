@@ -32,3 +32,10 @@ def test_ddp_backend_follows_the_accelerator(accelerator, backend):
 
 def test_single_process_keeps_auto():
     assert build_strategy(_t("auto"), "cpu") == "auto"
+
+
+def test_nemo_model_fsdp_switch_is_the_same_strategy():
+    from nemo_aligner_draft.models.fsdp import ShardedStrategy
+
+    assert isinstance(build_strategy(_t("auto", devices=2), "cpu", fsdp=True), ShardedStrategy)
+    assert not isinstance(build_strategy(_t("auto", devices=2), "cpu", fsdp=False), ShardedStrategy)

@@ -119,6 +119,8 @@ CASES = [
      ["exp_manager.explicit_log_dir:", "exists and is not a directory"]),
     ("EMA with sharded FSDP", ["trainer.strategy=fsdp", "exp_manager.ema.enable=true"],
      ["exp_manager.ema.enable: not supported with trainer.strategy=fsdp"]),
+    ("NeMo's fsdp switch against DDP", ["+model.fsdp=true", "trainer.strategy=ddp"],
+     ["model.fsdp: true asks for FSDP, but trainer.strategy is 'ddp'"]),
     # ---- Lightning refuses the trainer settings
     ("GPU asked for on a CPU machine", ["trainer.accelerator=gpu"], ["trainer.accelerator:"]),
     # ---- command line
