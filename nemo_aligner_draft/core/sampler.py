@@ -318,7 +318,8 @@ def sample(
     out = SampleOutput(latents=x, pred_x0=x)
     traj = [x.detach()] if keep_trajectory else None
     log_probs = []
-    chain, chain_resolved = None, False  # exact step checkpointing, set up at the first checkpointed step
+    # exact step checkpointing: one chain for every checkpointed step of this call (None: torch's checkpoint)
+    chain = _exact_chain(denoiser, rule, eta) if checkpoint and any(plan.grad) else None
     for i in range(rule.num_steps):
         noise = None
         if eta > 0:
@@ -327,8 +328,6 @@ def sample(
             with torch.no_grad():
                 x_next, eps, x0, lp = model_step(denoiser, rule, x, i, noise, eta)
         elif checkpoint:
-            if not chain_resolved:
-                chain, chain_resolved = _exact_chain(denoiser, rule, eta), True
             if chain is not None:
                 x_next, eps, x0, lp = _CheckpointedStep.apply(chain, i, plan.detach_output[i], x, noise,
                                                               *chain.tensors)

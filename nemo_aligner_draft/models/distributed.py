@@ -104,10 +104,11 @@ class RankDump(Callback):
     @staticmethod
     def _held(module):
         """Elements of ``module``'s parameters this rank holds (its shards) and in all; (0, 0) for None."""
+        from ..algorithms.optimizer_step import local_shard
+
         held = total = 0
         for p in module.parameters() if module is not None else ():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            held += local.numel()
+            held += local_shard(p).numel()
             total += p.numel()
         return held, total
 
