@@ -10,9 +10,21 @@ noise of seed ``--seed + i`` whatever the batch size, so results do not depend o
 The fine-tuned model is the base UNet plus one peft adapter:
 * ``--lora P --lora-scale s``: ΔW = s·(alpha/r)·B A;
 * ``--soup-lora A B --soup-alpha a``: ΔW = a·ΔW_A + (1 − a)·ΔW_B (core/soup.py, ``delta`` mode,
-  exact via rank stacking), times ``--lora-scale``;
+  exact via rank stacking), times ``--lora-scale``; ``--soup-mode factors`` interpolates the factors
+  instead (AlignProp's mixing); B may be ``base``, the base model (AlignProp's ``stablediffusion``);
 * ``--aig SCHEDULE`` (linear | power_<p> | step_<f> | constant_<c>): at step i the sampler uses
   (1 − w_i)·ε_base + w_i·ε_ft (core/aig.py), base = adapter switched off.
+
+From a config instead of flags (AlignProp's ``evaluate`` / ``evaluate_soup`` recipes)::
+
+    nad-generate --config-name alignprop_evaluate model.pretrained=/models/sd15 ... --lora L --out out/
+
+composes ``conf/<name>.yaml`` (``--config-path``) with Hydra overrides and validates it as training does;
+it then renders what training's validation renders: ``trainer.<loop>.limit_val_batches`` batches of
+``model.micro_batch_size`` images of the validation prompts (``model.data.validation.dataset_path``, else
+the train prompts; repeated when there are fewer), with ``model.seed``, ``model.infer`` (steps, guidance,
+size, sampler), ``model.family``, the reward ``rm`` and the soup's ``soup.alpha`` / ``soup.mode``. The
+flags those keys replace are refused with it.
 """
 from __future__ import annotations
 
@@ -31,39 +43,108 @@ from ..files import atomic_write_json
 log = logging.getLogger("nad-generate")
 
 
+# flag -> (the config key that replaces it with --config-name, the flag's default without a config)
+CONFIG_FLAGS = {"model": ("model.pretrained", None), "family": ("model.family", "auto"),
+                "prompt": ("model.data.validation.dataset_path", None),
+                "prompt_file": ("model.data.validation.dataset_path", None),
+                "num_images_per_prompt": ("trainer.<loop>.limit_val_batches", 1), "seed": ("model.seed", 0),
+                "steps": ("model.infer.inference_steps", 25), "cfg": ("model.infer.unconditional_guidance_scale", 7.5),
+                "sampler": ("model.infer.sampler", None), "batch": ("model.micro_batch_size", 4),
+                "height": ("model.infer.height", 512), "width": ("model.infer.width", 512),
+                "soup_alpha": ("soup.alpha", 0.5), "soup_mode": ("soup.mode", "delta"),
+                "reward": ("rm.name", None), "reward_path": ("rm.model.restore_from_path", None)}
+SOUP_BASE = "base"  # --soup-lora A base: mix A with the base model
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nad-generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="local diffusers pipeline directory (model_index.json)")
-    p.add_argument("--family", default="auto", choices=["auto", "sd", "sdxl"])
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--config-name", "-cn", default=None,
+                   help="take the model, sampler, prompts, reward and soup settings from this config (conf/<name>.yaml)")
+    p.add_argument("--config-path", "-cp", default=None, help="directory of --config-name (default: the package's conf/)")
+    p.add_argument("overrides", nargs="*", help="with --config-name: Hydra overrides, key=value")
+    p.add_argument("--model", help="local diffusers pipeline directory (model_index.json)")
+    p.add_argument("--family", choices=["auto", "sd", "sdxl"])
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", nargs="+", help="one or more prompts")
     src.add_argument("--prompt-file", help="text file, one prompt per line (blank lines and # comments skipped)")
-    p.add_argument("--num-images-per-prompt", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--sampler", default=None, help="ddim | euler (default: the family's)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--num-images-per-prompt", type=int)
+    p.add_argument("--seed", type=int, help="image i uses seed + i (default 0)")
+    p.add_argument("--steps", type=int, help="sampler steps (default 25)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default 7.5)")
+    p.add_argument("--sampler", help="ddim | euler (default: the family's)")
+    p.add_argument("--batch", type=int, help="images per batch (default 4)")
+    p.add_argument("--height", type=int, help="default 512")
+    p.add_argument("--width", type=int, help="default 512")
     lo = p.add_mutually_exclusive_group()
     lo.add_argument("--lora", help="LoRA safetensors (or its directory) in the diffusers format")
-    lo.add_argument("--soup-lora", nargs=2, metavar=("A", "B"), help="two LoRAs to mix")
-    p.add_argument("--soup-alpha", type=float, default=0.5, help="weight of the first soup LoRA")
+    lo.add_argument("--soup-lora", nargs=2, metavar=("A", "B"), help=f"two LoRAs to mix (B = {SOUP_BASE}: the base model)")
+    p.add_argument("--soup-alpha", type=float, help="weight of the first soup LoRA (default 0.5)")
+    p.add_argument("--soup-mode", choices=["delta", "factors"], help="delta (default): ΔW mixed linearly; factors: "
+                                                                    "A and B interpolated (AlignProp)")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--aig", default=None, help="annealed importance guidance schedule between base and LoRA")
     p.add_argument("--reward", default=None, help="reward name (rewards registry) to score the images")
     p.add_argument("--reward-path", default=None, help="local weights of the reward")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if args.config_name:
+        given = [name for name in CONFIG_FLAGS if getattr(args, name) is not None]
+        if given:
+            name = given[0]
+            p.error(f"--{name.replace('_', '-')} is set by --config-name (its {CONFIG_FLAGS[name][0]}): "
+                    f"give it as an override, key=value")
+    else:
+        if args.overrides:
+            p.error(f"unrecognized arguments: {' '.join(args.overrides)} (key=value overrides need --config-name)")
+        if args.model is None:
+            p.error("the following arguments are required: --model (or --config-name)")
+        if args.prompt is None and args.prompt_file is None:
+            p.error("one of the arguments --prompt --prompt-file is required (or --config-name)")
+        for name, (_, default) in CONFIG_FLAGS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
     if args.aig and not (args.lora or args.soup_lora):
         p.error("--aig needs a fine-tuned model: give --lora or --soup-lora")
-    for name in ("steps", "batch", "num_images_per_prompt", "height", "width"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.soup_lora and not 0.0 <= args.soup_alpha <= 1.0:
-        p.error(f"--soup-alpha must be in [0, 1], got {args.soup_alpha}")
+    if args.soup_lora and args.soup_lora[0] == SOUP_BASE:
+        p.error(f"--soup-lora: the first LoRA must be a file ({SOUP_BASE!r} is allowed as the second)")
+    if not args.config_name:
+        for name in ("steps", "batch", "num_images_per_prompt", "height", "width"):
+            if getattr(args, name) < 1:
+                p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.soup_lora and not 0.0 <= args.soup_alpha <= 1.0:
+            p.error(f"--soup-alpha must be in [0, 1], got {args.soup_alpha}")
+    return args
+
+
+def apply_config(args) -> argparse.Namespace:
+    """Fill the settings ``--config-name`` replaces from the validated config (see the module docstring).
+    Every problem is an :class:`InputError` of the config key (or override) that caused it."""
+    from ..config import load_config
+    from ..data.source import open_prompt_source
+    from . import train
+
+    dict_cfg = train.compose(args.config_path or train.REPO_CONF, args.config_name, args.overrides)
+    cfg = train._validated(load_config, dict_cfg)
+    m, inf = cfg.model, cfg.model.infer
+    if m.from_nemo_parts:
+        raise InputError("model.unet_config.from_pretrained", "nad-generate loads a diffusers pipeline: set "
+                                                               "model.pretrained instead of NeMo-Aligner's parts")
+    val = m.data.validation.dataset_path
+    key = "model.data.validation.dataset_path" if val else "model.data.train.dataset_path"
+    path = val or m.data.train.dataset_path
+    count = max(cfg.loop.limit_val_batches, 1) * m.micro_batch_size
+    with attributed(key, "prompts", path):
+        source = list(open_prompt_source(path, key, m.data.max_prompt_chars)[:count])
+    args.model, args.family, args.seed, args.batch = m.pretrained, m.family, m.seed, m.micro_batch_size
+    args.steps, args.cfg = inf.inference_steps, inf.unconditional_guidance_scale
+    args.height, args.width = inf.height, inf.width
+    args.sampler = None if inf.sampler == "default" else inf.sampler
+    args.prompt, args.num_images_per_prompt = [source[i % len(source)] for i in range(count)], 1
+    args.soup_alpha, args.soup_mode = cfg.soup.alpha, cfg.soup.mode
+    args.reward, args.reward_path = cfg.rm.reward_name, cfg.rm.model.restore_from_path
+    args._rm = cfg.rm  # built as training builds it (rm.fp32, rm.kwargs, weighted_sum components)
+    args.name = cfg.name  # recorded with the other settings in generation.json
     return args
 
 
@@ -91,13 +172,18 @@ def attach_finetuned(unet, args) -> Optional[dict]:
         lora_scale(cfg)  # refuses per-module patterns
         desc = {"lora": os.path.abspath(args.lora), "rank": r, "alpha": alpha}
     elif args.soup_lora:
-        (s1, c1), (s2, c2) = read_lora(args.soup_lora[0]), read_lora(args.soup_lora[1])
-        state = soup_lora(s1, s2, args.soup_alpha, "delta", lora_scale(c1), lora_scale(c2))
-        # delta-mode soups stack the ranks and fold the scales into B: load with scaling 1
-        r = int(c1["r"]) + int(c2["r"])
-        alpha = float(r)
-        desc = {"soup": [os.path.abspath(x) for x in args.soup_lora], "soup_alpha": args.soup_alpha,
-                "soup_mode": "delta"}
+        s1, c1 = read_lora(args.soup_lora[0])
+        with_base = args.soup_lora[1] == SOUP_BASE
+        s2, c2 = (None, c1) if with_base else read_lora(args.soup_lora[1])
+        state = soup_lora(s1, s2, args.soup_alpha, args.soup_mode, lora_scale(c1), lora_scale(c2))
+        if args.soup_mode == "delta" and not with_base:
+            # delta-mode soups of two adapters stack the ranks and fold the scales into B: load with scaling 1
+            r = int(c1["r"]) + int(c2["r"])
+            alpha = float(r)
+        else:  # the first adapter's ranks and scale
+            r, alpha = int(c1["r"]), float(c1["lora_alpha"])
+        desc = {"soup": [x if x == SOUP_BASE else os.path.abspath(x) for x in args.soup_lora],
+                "soup_alpha": args.soup_alpha, "soup_mode": args.soup_mode}
     else:
         return None
     if args.lora_scale != 1.0:  # ΔW is linear in B
@@ -135,9 +221,11 @@ def generate(args) -> dict:
     from ..core.aig import AIGDenoiser
     from ..core.sampler import StepPlan, sample
 
+    if args.config_name and not hasattr(args, "_rm"):
+        apply_config(args)
     with attributed("--prompt-file", "prompts", args.prompt_file):
         prompts = read_prompts(args)
-    with attributed("--model", "a diffusers pipeline", args.model):
+    with attributed("model.pretrained" if args.config_name else "--model", "a diffusers pipeline", args.model):
         backend = load_backend(args.model, args.family)
     with attributed("--device"):
         backend.to(args.device)
@@ -149,7 +237,11 @@ def generate(args) -> dict:
     if args.aig:
         backend.setup_reference(use_adapters=True)
     reward = None
-    if args.reward:
+    if getattr(args, "_rm", None) is not None:
+        from .train import build_reward_from_config
+
+        reward = build_reward_from_config(args._rm).to(args.device).eval()
+    elif args.reward:
         from ..rewards import build_reward
 
         with attributed("--reward-path" if args.reward_path else "--reward", "the reward", args.reward_path):
@@ -177,7 +269,7 @@ def generate(args) -> dict:
     images = torch.cat(images)
     scores = torch.cat(rewards) if rewards else None
     record = {
-        "settings": {k: v for k, v in vars(args).items()},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "finetuned": finetuned,
         "aig_weights": None,
         "images": [{"file": f"images/{i:05d}.png", "prompt": p, "seed": args.seed + i,

@@ -374,6 +374,18 @@ class RMConfig(Section):
 
 
 @dataclass
+class SoupConfig(Section):
+    """``soup``: how ``nad-generate --config-name`` mixes the two LoRAs of ``--soup-lora A B`` (AlignProp's
+    ``evaluate_soup``); training does not read it."""
+
+    alpha: float = setting(0.5, ge=0, le=1, expected="a number in [0, 1]",
+                           doc="nad-generate: weight of the first --soup-lora adapter (AlignProp's mixing_coef_1)")
+    mode: str = setting("delta", choices=("delta", "factors"),
+                        doc="nad-generate: delta mixes ΔW linearly; factors interpolates A and B (AlignProp's "
+                            "mixing: ΔW = α²·ΔW_A against the base)")
+
+
+@dataclass
 class Config(Section):
     notices = na.ROOT_NOTICES
 
@@ -381,6 +393,7 @@ class Config(Section):
     # NeMo-Aligner's anneal_sdxl.py (AIG inference) reads these two from the root (+prompt=…, +weight_type=…)
     prompt: Optional[str] = setting(None, doc="anneal_sdxl.py: render this prompt instead of the validation prompts")
     weight_type: Optional[str] = setting(None, doc="anneal_sdxl.py: comma-separated AIG weight schedules")
+    soup: SoupConfig = setting(default_factory=SoupConfig)
     trainer: TrainerConfig = setting(default_factory=TrainerConfig)
     exp_manager: ExpManagerConfig = setting(default_factory=ExpManagerConfig)
     model: ModelConfig = setting(default_factory=ModelConfig)

@@ -30,6 +30,20 @@ def _animals() -> List[str]:
     return [f"a photo of a {a}" for a in animals]
 
 
+# trl's DDPO example (github:huggingface/trl, tag v0.23.1 = 4529a1c8, examples/scripts/ddpo.py, `animals`):
+# its prompt_fn returns the bare animal name, no template, drawn uniformly with replacement.
+TRL_ANIMALS = (
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+    "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "fly", "llama", "camel", "bat", "gorilla",
+    "hedgehog", "kangaroo",
+)
+
+
+@register_prompts("trl_animals")
+def _trl_animals() -> List[str]:
+    return list(TRL_ANIMALS)
+
+
 @register_prompts("embedded_train")
 def _embedded_train() -> List[str]:
     from ..embedded.data import prompts

@@ -61,3 +61,28 @@ def save_tiny_sd(path: str, seed: int = 0, prediction_type: str = "epsilon") -> 
     """Build and save a tiny SD pipeline directory at ``path``; returns ``path``."""
     build_tiny_sd_pipeline(seed, prediction_type).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def save_tiny_aesthetic(path: str, seed: int = 0):
+    """The files the ``aesthetic`` reward loads, tiny and random: a CLIPModel directory with projection 768
+    (as CLIP ViT-L/14; vision 224 px, patch 32, width 32) and an MLP head in LAION's
+    ``sac+logos+ava1-l14-linearMSE.pth`` layout. Returns (clip directory, head file) under ``path``."""
+    import os
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1)
+    cfg = CLIPConfig(text_config=dict(small, vocab_size=49408, max_position_embeddings=77),
+                     vision_config=dict(small, image_size=224, patch_size=32), projection_dim=768)
+    clip_dir = os.path.join(path, "clip")
+    CLIPModel(cfg).save_pretrained(clip_dir)
+    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=clip_tokenizer()).save_pretrained(clip_dir)
+    dims = [768, 1024, 128, 64, 16, 1]
+    head = {}
+    for i, (n_in, n_out) in zip([0, 2, 4, 6, 7], zip(dims, dims[1:])):  # Linear positions (Dropouts between)
+        head[f"layers.{i}.weight"] = torch.randn(n_out, n_in) * n_in ** -0.5
+        head[f"layers.{i}.bias"] = torch.zeros(n_out)
+    head_path = os.path.join(path, "sac+logos+ava1-l14-linearMSE.pth")
+    torch.save(head, head_path)
+    return clip_dir, head_path

@@ -147,3 +147,87 @@ def test_bad_input_names_the_flag(tiny_sd_dir, tmp_path, capsys):
         assert len(lines) == 1 and expect in lines[0], (args, err[-1500:])
         assert "Traceback" not in err
         assert not out.exists(), args
+
+
+@pytest.fixture(scope="module")
+def same_rank_loras(tiny_sd_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("loras_r4")
+    return (_make_lora(tiny_sd_dir, str(d / "a"), 4, 4.0, 5), _make_lora(tiny_sd_dir, str(d / "b"), 4, 4.0, 6))
+
+
+def test_factors_soup_is_alignprops_mixing(tiny_sd_dir, same_rank_loras, tmp_path):
+    """``--soup-mode factors`` mixes A and B factor by factor (AlignProp's evaluate_soup): against the base
+    (``base``, AlignProp's "stablediffusion") ΔW = α²·ΔW_A, i.e. the LoRA at scale α²; the delta soup gives
+    α·ΔW_A. With two LoRAs α = 1 / 0 are A / B, and α = 0.5 is not the delta soup (the cross terms)."""
+    a, b = same_rank_loras
+
+    def gen(name, *extra):
+        return _gen(tiny_sd_dir, tmp_path / name, *extra)
+
+    factors = gen("f", "--soup-lora", a, "base", "--soup-mode", "factors", "--soup-alpha", "0.5")
+    delta = gen("d", "--soup-lora", a, "base", "--soup-alpha", "0.5")
+    quarter, half = gen("q", "--lora", a, "--lora-scale", "0.25"), gen("h", "--lora", a, "--lora-scale", "0.5")
+    assert (quarter - half).abs().max() > 1e-3  # the scales differ visibly, so the checks below can fail
+    assert (factors - quarter).abs().max() < 1e-5 and (delta - half).abs().max() < 1e-5
+    one = gen("f1", "--soup-lora", a, b, "--soup-mode", "factors", "--soup-alpha", "1")
+    zero = gen("f0", "--soup-lora", a, b, "--soup-mode", "factors", "--soup-alpha", "0")
+    mid = gen("fm", "--soup-lora", a, b, "--soup-mode", "factors", "--soup-alpha", "0.5")
+    mid_delta = gen("dm", "--soup-lora", a, b, "--soup-alpha", "0.5")
+    assert (one - gen("a", "--lora", a)).abs().max() < 1e-5 and (zero - gen("b", "--lora", b)).abs().max() < 1e-5
+    assert (mid - mid_delta).abs().max() > 1e-4
+    rec = json.loads((tmp_path / "f" / "generation.json").read_text())
+    assert rec["finetuned"]["soup"][1] == "base" and rec["finetuned"]["soup_mode"] == "factors"
+
+
+def test_config_renders_what_validation_renders(tiny_sd_dir, same_rank_loras, tmp_path):
+    """``--config-name alignprop_evaluate_soup``: the shipped file with paths and sizes overridden gives the
+    images of the same settings as flags, limit_val_batches × micro_batch_size of them from the prompt file
+    (repeated), soup alpha/mode from the file, scored by the file's reward; every key of the file is read."""
+    import yaml
+
+    from nemo_aligner_draft.rewards import build_reward
+    from nemo_aligner_draft.testing.config import yaml_leaves
+    from nemo_aligner_draft.testing.tiny import save_tiny_aesthetic
+    from nemo_aligner_draft.typed import track_reads
+
+    a, _ = same_rank_loras
+    clip, head = save_tiny_aesthetic(str(tmp_path / "rm"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\na green cone\n")
+    overrides = [f"model.pretrained={tiny_sd_dir}", f"model.data.train.dataset_path={prompts}",
+                 f"rm.model.restore_from_path={head}", f"rm.kwargs.clip_path={clip}", "model.infer.inference_steps=3",
+                 "model.infer.height=64", "model.infer.width=64", "model.micro_batch_size=2",
+                 "model.global_batch_size=2", "trainer.alignprop.limit_val_batches=2", "soup.alpha=0.5"]
+    with track_reads() as reads:
+        got = generate(parse_args(["--config-name", "alignprop_evaluate_soup", "--soup-lora", a, "base",
+                                   "--out", str(tmp_path / "cfg"), *overrides]))
+    four = ["a red cube", "a blue ball", "a green cone", "a red cube"]
+    flags = generate(parse_args(["--model", tiny_sd_dir, "--prompt", *four, "--steps", "3", "--height", "64",
+                                 "--width", "64", "--cfg", "7.5", "--sampler", "ddim", "--batch", "2", "--seed", "42",
+                                 "--soup-lora", a, "base", "--soup-mode", "factors", "--soup-alpha", "0.5",
+                                 "--out", str(tmp_path / "flags")]))
+    assert torch.equal(got["images"], flags["images"])
+    rec = got["record"]
+    assert [im["prompt"] for im in rec["images"]] == four and [im["seed"] for im in rec["images"]] == [42, 43, 44, 45]
+    assert (rec["finetuned"]["soup_alpha"], rec["finetuned"]["soup_mode"]) == (0.5, "factors")
+    expected = build_reward("aesthetic", path=head, clip_path=clip)(got["images"], four)
+    assert torch.allclose(got["rewards"], expected.float(), atol=1e-5)
+    assert rec["settings"]["name"] == rec["settings"]["config_name"] == "alignprop_evaluate_soup"
+    assert "_rm" not in rec["settings"]
+    conf = os.path.join(os.path.dirname(__file__), "..", "..", "conf", "alignprop_evaluate_soup.yaml")
+    raw = yaml.safe_load(open(conf))
+    unread = sorted(k for k in yaml_leaves(raw) if k not in set(reads))
+    assert not unread, f"keys nothing read: {unread}"
+
+
+def test_config_refuses_the_flags_it_sets(tiny_sd_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--config-name", "alignprop_evaluate", "--steps", "3", "--out", str(tmp_path)])
+    assert "--steps is set by --config-name (its model.infer.inference_steps)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["model.seed=3", "--model", tiny_sd_dir, "--prompt", "x", "--out", str(tmp_path)])
+    assert "need --config-name" in capsys.readouterr().err
+    # a missing required path is one line naming its key, nothing written
+    rc = main(["--config-name", "alignprop_evaluate", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.pretrained" in err and "Traceback" not in err and not (tmp_path / "o").exists()
