@@ -154,8 +154,17 @@ class PolicyGradientRecipe:
         return torch.tensor(last.get("train_loss", 0.0))
 
     # ------------------------------------------------------------------ hooks of the shell
+    @torch.no_grad()
     def validation_extras(self, prompts: List[str], batch_idx: int) -> Dict[str, torch.Tensor]:
-        return {}
+        """The reward at each of the section's ``eval_steps`` deterministic DDIM step counts from the
+        validation latents, fine-tuned (``reward_steps<n>``) and base (``reward_steps<n>_base``, the
+        reference model from the same latents): SDPO's few-step claim, and DDPO's beside it."""
+        model, out = self.model, {}
+        for n in self.pg.eval_steps:
+            for suffix, reference in (("", False), ("_base", True)):
+                images = model.render(prompts, batch_idx, use_reference=reference, num_steps=int(n))
+                out[f"reward_steps{int(n)}{suffix}"] = model.score(images, prompts)[0].cpu()
+        return out
 
     def state_dict(self) -> Dict:
         return {"algorithm": self.algo, "samples_seen": self.samples_seen, "ppo_epochs": self.ppo_epochs,
@@ -236,10 +245,3 @@ class SDPORecipe(PolicyGradientRecipe):
         # the last step's x̂0 is the final image: its (undiscounted) reward is the sample's reward
         return prompts, rule, step_loss, self.reward_stats(torch.cat(finals))
 
-    @torch.no_grad()
-    def validation_extras(self, prompts, batch_idx):
-        """The reward at each of ``eval_steps`` deterministic DDIM step counts from the validation latents."""
-        model = self.model
-        return {f"reward_steps{int(n)}": model.score(model.render(prompts, batch_idx, use_reference=False,
-                                                                  num_steps=int(n)), prompts)[0].cpu()
-                for n in self.pg.eval_steps}

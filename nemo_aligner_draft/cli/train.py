@@ -240,7 +240,7 @@ def probe_reward(reward, cfg) -> None:
     inf = cfg.model.infer
     images = torch.full((2, 3, inf.height, inf.width), 0.5)
     with torch.no_grad():
-        out = reward(images, ["a photo", "a photo"])
+        out = reward(images, [getattr(reward, "probe_prompt", "a photo")] * 2)
     check_reward_output(out, 2, reward.name)
 
 
@@ -446,25 +446,32 @@ def planned_log_dir(cfg) -> str:
 def diversity_metrics(dv, reward) -> dict:
     """Validation diversity, base vs fine-tuned: per-prompt LPIPS when ``model.diversity.lpips_backbone_path``
     is set; and, when the reward exposes ``image_embeddings`` (CLIP-type rewards), the mean pairwise
-    cosine distance of the validation images' embeddings. Keyword arguments of :class:`TrainingReport`."""
+    cosine distance of the validation images' embeddings, over all of them and, when validation renders
+    each prompt ``model.diversity.samples_per_prompt`` >= 2 times, per prompt (``prompt_diversity``).
+    Keyword arguments of :class:`TrainingReport`."""
     out = {}
     if dv.lpips_backbone_path is not None:
         from ..metrics.diversity import LpipsDiversity
 
         out["lpips"] = LpipsDiversity(net=dv.lpips_net, backbone_path=dv.lpips_backbone_path)
-    embed = getattr(reward, "image_embeddings", None)
-    if callable(embed):
-        import torch
-
+    if callable(getattr(reward, "image_embeddings", None)):
         from ..embedded.diversity import mean_pairwise_cosine_distance
 
-        def diversity(images):
-            device = next(iter(reward.parameters()), torch.zeros(())).device
-            with torch.no_grad():
-                return float(mean_pairwise_cosine_distance(embed(images.to(device)).float()))
+        out["diversity"] = lambda images: float(mean_pairwise_cosine_distance(_embeddings(reward, images)))
+        if dv.samples_per_prompt >= 2:
+            from ..metrics.diversity import EmbeddingDiversity
 
-        out["diversity"] = diversity
+            out["prompt_diversity"] = EmbeddingDiversity(lambda images: _embeddings(reward, images))
     return out
+
+
+def _embeddings(reward, images):
+    """The reward's image embeddings of ``images``, on the reward's device, no grad."""
+    import torch
+
+    device = next(iter(reward.parameters()), torch.zeros(())).device
+    with torch.no_grad():
+        return reward.image_embeddings(images.to(device)).float()
 
 
 def main(argv: Optional[List[str]] = None, default_config: str = "draftp_sd") -> int:

@@ -26,7 +26,7 @@ is a per-dimension geometric mean ratio and ``clip_range`` (default 1e-4) is cor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -49,11 +49,15 @@ class DDPOConfig(Section):
     per_prompt_stat_tracking: bool = setting(True)
     stat_buffer_size: int = setting(32, ge=1)
     stat_min_count: int = setting(16, ge=1)
+    eval_steps: List[int] = setting(default_factory=list,
+                                    doc="validation also logs the reward at these sampling step counts (none by default)")
 
     def rules(self):
         if self.stat_min_count > self.stat_buffer_size:
             yield "stat_min_count", (f"got {self.stat_min_count}, expected <= stat_buffer_size="
                                      f"{self.stat_buffer_size} (the per-prompt statistics would never be used)")
+        if any(n < 1 for n in self.eval_steps):
+            yield "eval_steps", f"got {self.eval_steps}, expected integers >= 1"
 
 
 @dataclass

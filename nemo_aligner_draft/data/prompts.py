@@ -59,6 +59,30 @@ def _embedded_heldout() -> List[str]:
     return prompts("heldout")
 
 
+@register_prompts("embedded_shapes_train")
+def _embedded_shapes_train() -> List[str]:
+    """The shapes benchmark's 18 single-object prompts, 8 times each (``embedded/benchmark.py``)."""
+    from ..embedded.benchmark import train_prompts
+
+    return train_prompts()
+
+
+@register_prompts("embedded_shapes_eval")
+def _embedded_shapes_eval() -> List[str]:
+    """The shapes benchmark's 18 prompts once each (its validation set)."""
+    from ..embedded.benchmark import eval_prompts
+
+    return eval_prompts()
+
+
+@register_prompts("embedded_shapes_heldout")
+def _embedded_shapes_heldout() -> List[str]:
+    """The shapes benchmark's 80 single-object held-out prompts."""
+    from ..embedded.benchmark import heldout_prompts
+
+    return heldout_prompts()
+
+
 def _line_ranges(numbers: List[int]) -> str:
     shown = ", ".join(str(n) for n in numbers[:10])
     return shown + (f" and {len(numbers) - 10} more" if len(numbers) > 10 else "")

@@ -42,13 +42,16 @@ class TrainingReport(Callback):
     in the run directory.
 
     ``diversity``: images ``[N, 3, H, W]`` → a float (e.g. the mean pairwise embedding distance);
-    ``lpips``: (images, prompts) → ``{"mean": ...}``, per-prompt LPIPS. Each is logged for the base and
-    the fine-tuned images of every validation."""
+    ``lpips``: (images, prompts) → ``{"mean": ...}``, per-prompt LPIPS; ``prompt_diversity``: the same
+    contract, per-prompt embedding distance (validation renders each prompt several times). Each is
+    logged for the base and the fine-tuned images of every validation."""
 
-    def __init__(self, log_dir: str, diversity: Optional[Callable] = None, lpips: Optional[Callable] = None):
+    def __init__(self, log_dir: str, diversity: Optional[Callable] = None, lpips: Optional[Callable] = None,
+                 prompt_diversity: Optional[Callable] = None):
         self.log_dir = log_dir
         self.diversity = diversity
         self.lpips = lpips
+        self.prompt_diversity = prompt_diversity
         self.train_history: List[Dict] = []
         self.val_history: List[Dict] = []
 
@@ -94,10 +97,14 @@ class TrainingReport(Callback):
         if self.lpips is not None:
             entry["lpips_diversity_base"] = float(self.lpips(base, entry["prompts"])["mean"])
             entry["lpips_diversity_tuned"] = float(self.lpips(tuned, entry["prompts"])["mean"])
+        if self.prompt_diversity is not None:
+            entry["prompt_diversity_base"] = float(self.prompt_diversity(base, entry["prompts"])["mean"])
+            entry["prompt_diversity_tuned"] = float(self.prompt_diversity(tuned, entry["prompts"])["mean"])
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 exp = getattr(logger, "experiment", None)
-                for key in ("diversity_base", "diversity_tuned", "lpips_diversity_base", "lpips_diversity_tuned"):
+                for key in ("diversity_base", "diversity_tuned", "lpips_diversity_base", "lpips_diversity_tuned",
+                            "prompt_diversity_base", "prompt_diversity_tuned"):
                     if key in entry and hasattr(exp, "add_scalar"):
                         exp.add_scalar(f"validation/{key}", entry[key], trainer.global_step)
         self.val_history.append(entry)

@@ -35,6 +35,9 @@ class Reward(torch.nn.Module):
     differentiable: bool = True
     name: str = "reward"
     fp32: bool = False
+    # the prompt the start-up probe scores two grey images with; a reward that parses its prompts
+    # (the shapes benchmark) names one it accepts
+    probe_prompt: str = "a photo"
 
     def __call__(self, images: torch.Tensor, prompts: Optional[Sequence[str]] = None, *args, **kwargs) -> torch.Tensor:
         with self.precision_scope():

@@ -33,7 +33,7 @@ def overrides(name, sd_dir, run_dir, steps, val_every, extra=()):
 # 2 sample batches = 4 optimizer steps).
 SHORT = {
     "alignprop_tiny": dict(steps=2, val_every=2, extra=["model.infer.inference_steps=4"]),
-    "ddpo_tiny": dict(steps=4, val_every=2, extra=["model.infer.inference_steps=4"]),
+    "ddpo_tiny": dict(steps=4, val_every=2, extra=["model.infer.inference_steps=4", "model.ddpo.eval_steps=[1,2]"]),
     "sdpo_tiny": dict(steps=4, val_every=2, extra=["model.infer.inference_steps=3", "model.sdpo.eval_steps=[1,2,4,8]"]),
 }
 
@@ -78,10 +78,13 @@ def test_run_directory_and_method_metrics(short_run):
         per_prompt = 2 if name == "sdpo_tiny" else 1
         assert last["samples_seen"] == 2 * 2 * 4 * per_prompt
     val = metrics["validation"][-1]
-    if name == "sdpo_tiny":
-        steps_rewards = [val[f"reward_steps{n}"] for n in (1, 2, 4, 8)]
-        assert all(0.0 <= r <= 1.0 for r in steps_rewards)  # brightness of images in [0, 1]
-        assert len(set(steps_rewards)) == 4, "different step counts render different images"
+    if name != "alignprop_tiny":  # validation at other step counts, fine-tuned and base (SDPO's claim, DDPO beside it)
+        counts = (1, 2, 4, 8) if name == "sdpo_tiny" else (1, 2)
+        steps_rewards = [val[f"reward_steps{n}"] for n in counts]
+        base_rewards = [val[f"reward_steps{n}_base"] for n in counts]
+        assert all(0.0 <= r <= 1.0 for r in steps_rewards + base_rewards)  # brightness of images in [0, 1]
+        assert len(set(steps_rewards)) == len(counts), "different step counts render different images"
+        assert steps_rewards != base_rewards, "the base renders with the adapters off"
 
 
 def test_policy_gradient_checkpoint_holds_tracker_and_resume_continues(short_run, tmp_path):
