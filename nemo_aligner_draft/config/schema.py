@@ -128,7 +128,7 @@ class InferConfig(Section):
     inference_steps: int = setting(50, ge=1, aliases=("model.sampling.base.steps",))
     eta: float = setting(0.0, ge=0)
     vae_batch_size: int = setting(8, ge=1)
-    sampler: str = setting("default", choices=("default", "ddim", "euler"),
+    sampler: str = setting("default", choices=("default", "ddim", "euler", "flow"),
                            aliases={"sampler_type": na.sampler_type, "model.sampling.base.sampler": na.sdxl_sampler},
                            doc="default: the model family's (ddim for SD, euler for SDXL)")
     down_factor: Optional[int] = setting(None, doc="checked against the VAE's downsampling factor")

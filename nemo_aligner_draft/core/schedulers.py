@@ -6,6 +6,9 @@ gradients flowing through every tensor operation. Two rules cover the models we 
 * :class:`DDIMRule` — DDIM (Song et al. 2021, eq. 12) with stochasticity ``eta``, used for SD 1.x/2.x.
 * :class:`EulerRule` — the Euler/EDM sampler of Karras et al. 2022 (Alg. 1, first-order), used for
   SDXL's ``EulerDiscreteScheduler``.
+* :class:`FlowMatchRule` — the rectified-flow Euler step of SD3/FLUX (``FlowMatchEulerDiscreteScheduler``,
+  shifted σ schedule), deterministic, or with ``eta`` > 0 the SDE with the same marginals and a Gaussian
+  log-density per step (Flow-GRPO's ODE→SDE conversion).
 
 Both expose the same verbs so the sampler and every objective are written once:
 
@@ -15,7 +18,8 @@ log-density of x_{i+1} under the Gaussian step (DDPO); ``add_noise`` → re-nois
 (DRaFT-LV).
 
 For the Euler rule the ε returned by ``split_output`` is EDM's "noise" d = (x − D(x))/σ, the quantity
-NeMo-Aligner regularises for SDXL; for ε-prediction models it equals the UNet's ε exactly.
+NeMo-Aligner regularises for SDXL; for ε-prediction models it equals the UNet's ε exactly. For the flow
+rule it is the velocity v the transformer predicts (see :class:`FlowMatchRule` for how it relates to ε).
 
 Shapes: latents ``[B, C, h, w]``; per-sample scalars are broadcast as ``[B, 1, 1, 1]``.
 """
@@ -75,6 +79,10 @@ class StepRule:
 
     def step_log_prob(self, x, eps, x0, i, prev_sample, eta: float) -> torch.Tensor:
         raise NotImplementedError
+
+    def step_distribution(self, x, eps, x0, i, eta: float):
+        """(mean, std) of the Gaussian step x_i → x_{i+1}; stochastic rules only."""
+        raise NotImplementedError(f"{type(self).__name__} has no step distribution")
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
         raise NotImplementedError
@@ -147,6 +155,11 @@ class DDIMRule(StepRule):
         a_prev = self._alpha_prev(i, x0).to(x0.device)
         direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
         return a_prev.sqrt() * x0 + direction
+
+    def step_distribution(self, x, eps, x0, i, eta: float):
+        """Mean and std of x_{i+1} given x_i = ``x`` and the model's (ε̂, x̂0) (std 0 when ``eta`` is 0)."""
+        std = self._std(i, x, eta)
+        return self._mean(eps, x0, i, std), std
 
     def step(self, x, eps, x0, i, noise=None, eta: float = 0.0) -> StepOutput:
         std = self._std(i, x, eta)
@@ -228,10 +241,95 @@ class EulerRule(StepRule):
         return x0 + self._sigma(i, x0) * noise
 
 
-def build_step_rule(scheduler, num_steps: int, sampler: str) -> StepRule:
-    """``sampler``: ``ddim`` or ``euler``."""
+class FlowMatchRule(StepRule):
+    """Rectified flow (SD3, FLUX): x_σ = (1 − σ)·x0 + σ·ε on a shifted σ schedule from 1 to 0.
+
+    The network predicts the velocity v = ε − x0, so x̂0 = x − σ·v and ε̂ = x + (1 − σ)·v. On the same
+    x, two velocities that differ by Δv imply noises that differ by (1 − σ)·Δv and clean images that
+    differ by −σ·Δv: a penalty on v weighs the noisy steps (σ near 1) more than one on ε would.
+
+    ``eta`` = 0: the Euler ODE step x' = x + (σ' − σ)·v, what ``FlowMatchEulerDiscreteScheduler.step``
+    computes. ``eta`` = a > 0: the reverse-time SDE with the ODE's marginals,
+
+        dx = [v − ½ g² ∇log p_σ(x)] dσ + g dw̄,   ∇log p_σ(x) = −ε̂ / σ,   g(σ) = a·√(σ / (1 − σ)),
+
+    discretised with Euler–Maruyama: x' ~ N(x + dσ·[v + g²/(2σ)·ε̂], g²·|dσ|), dσ = σ' − σ < 0. g is
+    infinite at σ = 1, so the first step's g uses the second σ in the denominator (Flow-GRPO's choice).
+    """
+
+    def __init__(self, sigmas: torch.Tensor, timesteps: torch.Tensor):
+        self.sigmas = sigmas.double()  # [T + 1], descending, last 0
+        self.timesteps = timesteps  # what the transformer is given: σ × num_train_timesteps
+        if self.sigmas.shape[0] != self.timesteps.shape[0] + 1:
+            raise ValueError(f"a flow rule needs T + 1 sigmas for T timesteps, got {self.sigmas.shape[0]} and "
+                             f"{self.timesteps.shape[0]}")
+        self.prediction_type = "flow"
+        self.stochastic = True
+
+    @classmethod
+    def from_diffusers(cls, scheduler, num_steps: int, sigmas=None, mu: Optional[float] = None) -> "FlowMatchRule":
+        """The schedule ``FlowMatchEulerDiscreteScheduler.set_timesteps`` makes (shift, or dynamic
+        shifting with ``mu``; ``sigmas`` as the FLUX pipeline passes them)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        flow = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        kwargs = {"mu": mu} if mu is not None else {}
+        if sigmas is not None:
+            kwargs["sigmas"] = list(sigmas)
+        flow.set_timesteps(num_steps, **kwargs)
+        return cls(flow.sigmas, flow.timesteps)
+
+    def _sigma(self, i: int, ref: torch.Tensor) -> torch.Tensor:
+        return self.sigmas[i].to(dtype=ref.dtype, device=ref.device)
+
+    def split_output(self, model_output, x, i):
+        """(v, x̂0): the velocity itself (what DRaFT+ penalises on this family) and the clean estimate."""
+        return model_output, x - self._sigma(i, x) * model_output
+
+    def _g(self, i: int, eta: float) -> float:
+        s = float(self.sigmas[i])
+        denom = 1.0 - (s if s < 1.0 else float(self.sigmas[min(1, self.num_steps - 1)]))
+        return eta * math.sqrt(s / denom) if denom > 0 else 0.0
+
+    def step_distribution(self, x, v, x0, i, eta: float):
+        """Mean and std of x_{i+1} given x_i = ``x`` and velocity ``v`` (std 0 when ``eta`` is 0; ``x0``
+        is not needed: the signature is the DDIM rule's)."""
+        s, s_next = self._sigma(i, x), self.sigmas[i + 1].to(dtype=x.dtype, device=x.device)
+        ds = s_next - s
+        if eta <= 0:
+            return x + ds * v, torch.zeros((), dtype=x.dtype, device=x.device)
+        g = self._g(i, eta)
+        eps = x + (1 - s) * v
+        mean = x + ds * (v + (g * g / (2 * s)) * eps)
+        return mean, (g * (-ds).sqrt()).to(x.dtype)
+
+    def step(self, x, eps, x0, i, noise=None, eta: float = 0.0) -> StepOutput:
+        mean, std = self.step_distribution(x, eps, x0, i, eta)
+        if eta > 0 and float(std) > 0:
+            if noise is None:
+                raise ValueError("a stochastic flow step (eta > 0) needs `noise`")
+            prev = mean + std * noise
+            return StepOutput(prev, gaussian_log_prob(prev.detach(), mean, std))
+        return StepOutput(mean, None)
+
+    def step_log_prob(self, x, eps, x0, i, prev_sample, eta: float) -> torch.Tensor:
+        """log p_θ(prev_sample | x) of the SDE step (the GRPO policy density). ``[B]``."""
+        mean, std = self.step_distribution(x, eps, x0, i, eta)
+        if float(std) <= 0:
+            raise ValueError("log-probabilities need a stochastic step: set eta > 0 (the SDE noise level)")
+        return gaussian_log_prob(prev_sample, mean, std)
+
+    def add_noise(self, x0, noise, i):
+        s = self._sigma(i, x0)
+        return (1 - s) * x0 + s * noise
+
+
+def build_step_rule(scheduler, num_steps: int, sampler: str, **flow_kwargs) -> StepRule:
+    """``sampler``: ``ddim``, ``euler`` or ``flow`` (``flow_kwargs``: ``sigmas``/``mu`` for the flow schedule)."""
     if sampler == "ddim":
         return DDIMRule.from_diffusers(scheduler, num_steps)
     if sampler == "euler":
         return EulerRule.from_diffusers(scheduler, num_steps)
-    raise ValueError(f"sampler must be 'ddim' or 'euler', got {sampler!r}")
+    if sampler == "flow":
+        return FlowMatchRule.from_diffusers(scheduler, num_steps, **flow_kwargs)
+    raise ValueError(f"sampler must be 'ddim', 'euler' or 'flow', got {sampler!r}")

@@ -25,6 +25,7 @@ interval over the seeds (n − 1 degrees of freedom), so with 3 seeds the interv
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -43,13 +44,13 @@ MARK_BEGIN, MARK_END = "<!-- shapes-benchmark:begin -->", "<!-- shapes-benchmark
 # configs'. Q1 compares the DRaFT and DRaFT+ runs, Q2 the DDPO run with the others' curves, Q3 the DDPO and
 # SDPO runs' validation at 1, 2, 4 and 8 sampler steps (both train on the 10-step sampler).
 RUNS = {
-    "DRaFT+": ("draftp_shapes", "draftp_sd", [], 32, 1, 20, 2),
-    "DRaFT": ("draftp_shapes", "draftp_sd", ["model.kl_coeff=0.0"], 32, 1, 20, 2),
+    "DRaFT+": ("draftp_shapes", "draftp_sd", [], 32, 1, 60, 2),
+    "DRaFT": ("draftp_shapes", "draftp_sd", ["model.kl_coeff=0.0"], 32, 1, 60, 2),
     "DRaFT-LV": ("draftp_shapes", "draftp_sd", ["model.kl_coeff=0.0", "model.truncation_steps=1",
                                                 "model.lv_copies=2"], 32, 1, 20, 2),
     "AlignProp": ("alignprop_shapes", "alignprop", [], 32, 1, 20, 2),
-    "DDPO": ("ddpo_shapes", "ddpo", [], 72, 2, 30, 3),
-    "SDPO": ("sdpo_shapes", "sdpo", [], 72, 2, 20, 2),
+    "DDPO": ("ddpo_shapes", "ddpo", [], 72, 2, 60, 3),
+    "SDPO": ("sdpo_shapes", "sdpo", [], 72, 2, 40, 2),
 }
 # Q1 compares the DRaFT and DRaFT+ runs above (the same settings but kl_coeff)
 Q1_PAIR = ("DRaFT", "DRaFT+")
@@ -77,11 +78,17 @@ def train_one(name: str, out: str, seed: int) -> Dict:
 
     path = run_dir(out, name, seed)
     result_path = os.path.join(path, "result.json")
+    cfg, loop, extra, per_opt, opt_per_train, opt_steps, val_every = RUNS[name]
+    earlier_s = 0.0  # wall time of the part of a resumed run that ran before
     if os.path.isfile(result_path):
         with open(result_path) as f:
-            return json.load(f)
-    cfg, loop, extra, per_opt, opt_per_train, opt_steps, val_every = RUNS[name]
-    shutil.rmtree(path, ignore_errors=True)
+            done = json.load(f)
+        if done["points"][-1]["step"] >= opt_steps:
+            return done
+        earlier_s = done["run_s"]
+        os.remove(result_path)  # RUNS asks for more steps than this run took: resume it from its last checkpoint
+    if not glob.glob(os.path.join(path, "checkpoints", "*-last.ckpt")):
+        shutil.rmtree(path, ignore_errors=True)  # nothing to resume: start clean
     args = [f"--config-name={cfg}", f"model.pretrained={EMBEDDED_SD}", f"exp_manager.explicit_log_dir={path}",
             f"trainer.max_steps={opt_steps}", f"trainer.{loop}.max_steps={opt_steps}",
             f"trainer.{loop}.val_check_interval={val_every}", f"trainer.{loop}.save_interval={opt_steps}",
@@ -90,7 +97,7 @@ def train_one(name: str, out: str, seed: int) -> Dict:
     rc = main(args)
     if rc != 0:
         raise SystemExit(f"{name} seed {seed}: training exited with {rc}")
-    total = time.perf_counter() - t0
+    total = earlier_s + time.perf_counter() - t0
     with open(os.path.join(path, "metrics.json")) as f:
         metrics = json.load(f)
     train_time, clock = 0.0, {}
