@@ -42,8 +42,9 @@ from ..core.stat_tracking import PerPromptStatTracker, batch_advantages
 from ..errors import InputError
 from .optimizer_step import OptimizerStep
 
-# (train-batch sample indices [b], their step indices [b], rule, denoiser) -> (loss, metrics)
-StepLoss = Callable[[torch.Tensor, torch.Tensor, object, object], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+# (train-batch sample indices [b], their step indices [b], rule, denoiser, the batch's conditioning)
+#   -> (loss, metrics)
+StepLoss = Callable[[torch.Tensor, torch.Tensor, object, object, object], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
 
 
 def cat_rollouts(parts: List[Rollout]) -> Rollout:
@@ -81,17 +82,23 @@ class PolicyGradientRecipe:
     @property
     def prompts_per_step(self) -> int:
         """Prompts one rank draws per training_step (one PPO epoch)."""
-        return self.model.mcfg.micro_batch_size * self.pg.num_sample_batches
+        return self.pg.prompts_per_epoch(self.model.mcfg.micro_batch_size)[0]
+
+    def chunk_prompts(self, prompts: List[str]) -> List[List[str]]:
+        """The epoch's prompts as sample batches of ``micro_batch_size`` (GRPO repeats each into a group)."""
+        mbs = self.model.mcfg.micro_batch_size
+        return [prompts[i:i + mbs] for i in range(0, len(prompts), mbs)]
 
     def planned_batches(self, max_steps: int) -> int:
         return max_steps  # an upper bound: each epoch takes several optimizer steps
 
     def check_prompts(self, num_prompts: int) -> None:
-        need = self.prompts_per_step * self.model.dp_size
+        per_rank, how = self.pg.prompts_per_epoch(self.model.mcfg.micro_batch_size)
+        need = per_rank * self.model.dp_size
         if num_prompts < need:
             raise InputError(f"model.{self.algo}.num_sample_batches",
-                             f"one PPO epoch draws micro_batch_size × num_sample_batches × data-parallel size = "
-                             f"{need} prompts, but model.data.train.dataset_path has only {num_prompts}")
+                             f"one PPO epoch draws {how} × data-parallel size = {need} prompts, but "
+                             f"model.data.train.dataset_path has only {num_prompts}")
 
     # ------------------------------------------------------------------ one PPO epoch
     def training_step(self, batch, batch_idx):
@@ -100,9 +107,7 @@ class PolicyGradientRecipe:
         self._epoch_start = time.perf_counter()
         self.step.start()
         epoch_round = model.consumed_samples // (self.prompts_per_step * model.dp_size)
-        mbs = model.mcfg.micro_batch_size
-        chunks = [prompts[i:i + mbs] for i in range(0, len(prompts), mbs)]
-        prompts, rule, step_loss, reward_stats = self.collect(chunks, epoch_round)
+        prompts, rule, step_loss, reward_stats = self.collect(self.chunk_prompts(prompts), epoch_round)
         model.consumed_samples += self.prompts_per_step * model.dp_size
         loss = self._train_passes(prompts, rule, epoch_round, step_loss, reward_stats)
         self.ppo_epochs += 1
@@ -138,10 +143,11 @@ class PolicyGradientRecipe:
             g = model.generator(epoch_round, f"{self.algo}_train_{inner}")
             batches = list(iter_train_minibatches(len(prompts), tmb, rule.num_steps, pg.timestep_fraction, generator=g))
             for b_i, mb in enumerate(batches):
-                den = model.backend.denoiser(model.backend.encode_prompts([prompts[int(k)] for k in mb.indices]), w)
+                cond = model.backend.encode_prompts([prompts[int(k)] for k in mb.indices])
+                den = model.backend.denoiser(cond, w)
                 k_steps = mb.steps.shape[1]
                 for col in range(k_steps):
-                    loss, metrics = step_loss(mb.indices, mb.steps[:, col], rule, den)
+                    loss, metrics = step_loss(mb.indices, mb.steps[:, col], rule, den, cond)
                     # each optimizer step averages over its train micro-batches and step positions
                     self.step.backward(loss, metrics, 1.0 / (k_steps * per_step))
                 if (b_i + 1) % per_step == 0 or b_i == len(batches) - 1:
@@ -204,7 +210,7 @@ class DDPORecipe(PolicyGradientRecipe):
         adv = self.advantages(prompts, rewards_t).to(rollout.log_probs.device)
         self.samples_seen += len(prompts) * model.dp_size
 
-        def step_loss(idx, steps, rule, den):
+        def step_loss(idx, steps, rule, den, cond):
             return ddpo_step_loss(den, rule, rollout.select(idx.to(rollout.final.device)), adv[idx], steps,
                                   self.pg, eta)
 
@@ -237,7 +243,7 @@ class SDPORecipe(PolicyGradientRecipe):
         adv1, adv2 = adv1.to(dev), adv2.to(dev)
         self.samples_seen += 2 * len(prompts) * model.dp_size
 
-        def step_loss(idx, steps, rule, den):
+        def step_loss(idx, steps, rule, den, cond):
             i = idx.to(dev)
             return sdpo_step_loss(den, rule, first.select(i), second.select(i), adv1[idx], adv2[idx], steps,
                                   self.pg, eta)

@@ -65,3 +65,6 @@ register_algorithm(Algorithm("ddpo", f"{_PG}:DDPORecipe", loop_section="ddpo",
 register_algorithm(Algorithm("sdpo", f"{_PG}:SDPORecipe", loop_section="sdpo",
                              section="nemo_aligner_draft.core.sdpo:SDPOConfig", differentiable_reward=False,
                              stochastic_sampler=True, epoch_sampling=True))
+register_algorithm(Algorithm("grpo", "nemo_aligner_draft.algorithms.grpo:GRPORecipe", loop_section="grpo",
+                             section="nemo_aligner_draft.core.grpo:GRPOConfig", differentiable_reward=False,
+                             stochastic_sampler=True, epoch_sampling=True))

@@ -182,14 +182,16 @@ def preflight(cfg) -> dict:
     with attributed(key, "prompts", m.data.train.dataset_path):
         train = open_prompt_source(m.data.train.dataset_path, key, m.data.max_prompt_chars)  # list or webdataset
     world = world_size(cfg.trainer)
-    if len(train) < m.micro_batch_size * world:
+    pg = m.section() if cfg.algorithm.epoch_sampling else None
+    if pg is not None:
+        per_rank, how = pg.prompts_per_epoch(m.micro_batch_size)
+        if len(train) < per_rank * world:
+            raise InputError(f"model.{m.algorithm}.num_sample_batches",
+                             f"one PPO epoch draws {how} × data-parallel size = {per_rank * world} prompts, but {key} "
+                             f"has only {len(train)}")
+    elif len(train) < m.micro_batch_size * world:
         raise InputError(key, f"{len(train)} prompt(s), fewer than one round of model.micro_batch_size × "
                               f"data-parallel size = {m.micro_batch_size} × {world}")
-    pg = m.section() if cfg.algorithm.epoch_sampling else None
-    if pg is not None and len(train) < m.micro_batch_size * pg.num_sample_batches * world:
-        raise InputError(f"model.{m.algorithm}.num_sample_batches",
-                         f"one PPO epoch draws model.micro_batch_size × num_sample_batches × data-parallel size = "
-                         f"{m.micro_batch_size * pg.num_sample_batches * world} prompts, but {key} has only {len(train)}")
     val = None
     if m.data.validation.dataset_path:
         key = "model.data.validation.dataset_path"

@@ -52,6 +52,10 @@ class DDPOConfig(Section):
     eval_steps: List[int] = setting(default_factory=list,
                                     doc="validation also logs the reward at these sampling step counts (none by default)")
 
+    def prompts_per_epoch(self, micro_batch_size: int):
+        """(prompts one rank draws per epoch, how that number is made) for the data layer and its checks."""
+        return micro_batch_size * self.num_sample_batches, "micro_batch_size × num_sample_batches"
+
     def rules(self):
         if self.stat_min_count > self.stat_buffer_size:
             yield "stat_min_count", (f"got {self.stat_min_count}, expected <= stat_buffer_size="
@@ -92,7 +96,7 @@ def ddpo_rollout(denoiser: Denoiser, rule: StepRule, latents: torch.Tensor, eta:
                  generator: Optional[torch.Generator] = None, keep_pred_x0: bool = False) -> Rollout:
     """Sample under no_grad with a stochastic DDIM step (``eta > 0``), storing what PPO needs."""
     if not getattr(rule, "stochastic", False) or eta <= 0:
-        raise ValueError("DDPO/SDPO rollouts need the DDIM sampler with eta > 0 "
+        raise ValueError("policy-gradient rollouts need a stochastic sampler (DDIM or flow) with eta > 0 "
                          f"(got {type(rule).__name__}, eta={eta})")
     with torch.no_grad():
         out = sample(denoiser, rule, latents, StepPlan.no_grad(rule.num_steps), eta=eta,

@@ -235,7 +235,7 @@ class EulerRule(StepRule):
 
     def step_log_prob(self, *args, **kwargs):
         raise ValueError("the Euler sampler is deterministic and has no step log-probability; "
-                         "policy-gradient methods (DDPO, SDPO) need the DDIM sampler with eta > 0")
+                         "policy-gradient methods (DDPO, SDPO, GRPO) need the DDIM sampler (or flow, SD3/FLUX) with eta > 0")
 
     def add_noise(self, x0, noise, i):
         return x0 + self._sigma(i, x0) * noise

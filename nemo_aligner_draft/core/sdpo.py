@@ -70,6 +70,10 @@ class SDPOConfig(Section):
     eval_steps: List[int] = setting(default_factory=lambda: [1, 2, 4, 8],
                                     doc="validation also logs the reward at these sampling step counts")
 
+    def prompts_per_epoch(self, micro_batch_size: int):
+        """(prompts one rank draws per epoch, how that number is made) for the data layer and its checks."""
+        return micro_batch_size * self.num_sample_batches, "micro_batch_size × num_sample_batches"
+
     def rules(self):
         if self.stat_min_count > self.stat_buffer_size:
             yield "stat_min_count", (f"got {self.stat_min_count}, expected <= stat_buffer_size="

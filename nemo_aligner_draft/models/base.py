@@ -364,10 +364,11 @@ class AlignmentModel(ModelPT):
                                         crop=(base.crop_coords_top, base.crop_coords_left))
         return self.backend.encode_prompts(prompts)
 
-    def sampling_setup(self, prompts: List[str], round_idx: int, purpose: str):
-        """(rule, conditioning, initial latents, generator for the micro-batch's other draws)."""
+    def sampling_setup(self, prompts: List[str], round_idx: int, purpose: str, num_steps: Optional[int] = None):
+        """(rule, conditioning, initial latents, generator for the micro-batch's other draws); ``num_steps``
+        other than ``model.infer.inference_steps`` for rollouts on a shorter sampler (GRPO)."""
         inf = self.mcfg.infer
-        rule = self.step_rule()
+        rule = self.step_rule(num_steps)
         g = self.generator(round_idx, purpose)
         cond = self.encode(prompts)
         # one generator per global sample: initial latents do not depend on how the global batch is split

@@ -20,11 +20,13 @@ ALIGNPROP = "a831a5fb3a644817957f334f4dd2d8971e3c550b"
 TRL = "4529a1c8b1813480a85b02c9c8e7f75a29085d65"
 SDPO = "fcee34db05c0beead0d76b58b09f843af821c68e"
 NEMO_ALIGNER = "af2b3bd96ad78190f6ebfb552b9e599e313ce027"
+FLOW_GRPO = "31c71b9d"  # github:yifan123/flow_grpo config/grpo.py 31c71b9dc2c31e684cb547e464c941094140ac19
 RECIPES = {
     "alignprop_aesthetic": ALIGNPROP, "alignprop_aesthetic_k1": ALIGNPROP, "alignprop_hps": ALIGNPROP,
     "alignprop_hps_k1": ALIGNPROP, "alignprop_evaluate": ALIGNPROP, "alignprop_evaluate_soup": ALIGNPROP,
     "ddpo_trl_aesthetic": TRL, "sdpo_aesthetic": SDPO, "sdpo_imagereward": SDPO, "sdpo_hpsv2": SDPO,
     "sdpo_pickscore": SDPO, "sdpo_sd": "fcee34db", "draftp_sd": NEMO_ALIGNER, "draftp_sdxl": NEMO_ALIGNER,
+    "grpo_sd": FLOW_GRPO,
 }
 FILL = {"model.pretrained": "/models/sd", "model.data.train.dataset_path": "prompts.txt",
         "rm.model.restore_from_path": "/models/rm"}
@@ -197,6 +199,19 @@ def test_sdpo_sd_is_the_pickscore_recipe():
         return raw
 
     assert plain("sdpo_sd") == plain("sdpo_pickscore")
+
+
+def test_grpo_sd_holds_flow_grpo_pickscore_values():
+    """Flow-GRPO's pickscore_sd3 (config/grpo.py over config/base.py @ 31c71b9d; LoRA from scripts/train_sd3.py
+    @ 1f4ca40d): 24 images per prompt, 10 training steps, 40 evaluation steps, guidance 4.5, β 0.01, clip 1e-4,
+    adv clip 5, timestep fraction 0.99, global std, lr 3e-4, weight decay 1e-4, LoRA r 32 / alpha 64."""
+    cfg = typed("grpo_sd")
+    m, g = cfg.model, cfg.model.grpo
+    assert (g.group_size, g.rollout_steps, m.infer.inference_steps, m.infer.unconditional_guidance_scale) == (24, 10, 40, 4.5)
+    assert (g.kl_coeff, g.clip_range, g.adv_clip_max, g.timestep_fraction, g.global_std) == (0.01, 1e-4, 5.0, 0.99, True)
+    assert (m.optim.lr, m.optim.weight_decay, m.peft.lora_tuning.adapter_dim, m.peft.lora_tuning.network_alpha) == \
+        (3e-4, 1e-4, 32, 64)
+    assert (m.infer.height, m.infer.width, m.infer.eta, cfg.algorithm.name) == (512, 512, 1.0, "grpo")
 
 
 # --------------------------------------------------------------------------- one step through the CLI

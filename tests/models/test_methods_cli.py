@@ -1,4 +1,4 @@
-"""AlignProp, DDPO and SDPO end to end through the real CLI (Hydra → schema → NeMo shell → run dir).
+"""AlignProp, DDPO, SDPO and GRPO end to end through the real CLI (Hydra → schema → NeMo shell → run dir).
 
 Per method: a short run of its tiny config (LoRA, as shipped) checks the run directory, the logged
 method metrics and that every key in the yaml was read by code; a longer full-fine-tuning run on the
@@ -18,7 +18,7 @@ from nemo_aligner_draft.testing.config import yaml_leaves
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-LOOP = {"alignprop_tiny": "alignprop", "ddpo_tiny": "ddpo", "sdpo_tiny": "sdpo"}
+LOOP = {"alignprop_tiny": "alignprop", "ddpo_tiny": "ddpo", "sdpo_tiny": "sdpo", "grpo_sd_tiny": "grpo"}
 
 
 def overrides(name, sd_dir, run_dir, steps, val_every, extra=()):
@@ -35,6 +35,9 @@ SHORT = {
     "alignprop_tiny": dict(steps=2, val_every=2, extra=["model.infer.inference_steps=4"]),
     "ddpo_tiny": dict(steps=4, val_every=2, extra=["model.infer.inference_steps=4", "model.ddpo.eval_steps=[1,2]"]),
     "sdpo_tiny": dict(steps=4, val_every=2, extra=["model.infer.inference_steps=3", "model.sdpo.eval_steps=[1,2,4,8]"]),
+    # GRPO rolls out on 3 steps and validates on 4 (Flow-GRPO's train-on-fewer-steps option)
+    "grpo_sd_tiny": dict(steps=4, val_every=2, extra=["model.infer.inference_steps=4", "model.grpo.rollout_steps=3",
+                                                      "model.grpo.eval_steps=[1,2]"]),
 }
 
 
@@ -71,15 +74,15 @@ def test_run_directory_and_method_metrics(short_run):
     if name == "alignprop_tiny":
         assert "grad_steps" in last
     else:
-        own = ("approx_kl",) if name == "ddpo_tiny" else ("log_ratio_diff",)
+        own = {"ddpo_tiny": ("approx_kl",), "sdpo_tiny": ("log_ratio_diff",), "grpo_sd_tiny": ("approx_kl", "kl")}[name]
         for key in ("clipfrac", "samples_seen", *own):
             assert key in last, key
-        # 2 PPO epochs × 2 sample batches × 4 prompts, SDPO generates a pair per prompt
+        # 2 PPO epochs × 2 sample batches × 4 prompts (GRPO: 4 images, 2 groups of 2), SDPO a pair per prompt
         per_prompt = 2 if name == "sdpo_tiny" else 1
         assert last["samples_seen"] == 2 * 2 * 4 * per_prompt
     val = metrics["validation"][-1]
     if name != "alignprop_tiny":  # validation at other step counts, fine-tuned and base (SDPO's claim, DDPO beside it)
-        counts = (1, 2, 4, 8) if name == "sdpo_tiny" else (1, 2)
+        counts = (1, 2, 4, 8) if name == "sdpo_tiny" else (1, 2)  # GRPO's and DDPO's from the overrides
         steps_rewards = [val[f"reward_steps{n}"] for n in counts]
         base_rewards = [val[f"reward_steps{n}_base"] for n in counts]
         assert all(0.0 <= r <= 1.0 for r in steps_rewards + base_rewards)  # brightness of images in [0, 1]
@@ -104,9 +107,15 @@ def test_policy_gradient_checkpoint_holds_tracker_and_resume_continues(short_run
         assert "policy_gradient_state" not in ckpt and "alignment_state" in ckpt
         return
     state = ckpt["policy_gradient_state"]
+    s = SHORT[name]
+    if name == "grpo_sd_tiny":  # GRPO's statistics are each epoch's groups: no tracker to restore
+        assert state["tracker"] is None and state["samples_seen"] == 16
+        assert main(overrides(name, short_run["sd"], d, s["steps"] + 2, s["val_every"], s["extra"])) == 0
+        metrics = json.load(open(os.path.join(d, "metrics.json")))
+        assert metrics["train"][-1]["samples_seen"] == 24
+        return
     before = {tuple(k): len(v) for k, v in zip(state["tracker"]["keys"], state["tracker"]["values"])}
     assert state["samples_seen"] == (32 if name == "sdpo_tiny" else 16) and before
-    s = SHORT[name]
     assert main(overrides(name, short_run["sd"], d, s["steps"] + 2, s["val_every"], s["extra"])) == 0
     metrics = json.load(open(os.path.join(d, "metrics.json")))
     assert metrics["train"][-1]["samples_seen"] == state["samples_seen"] * 3 / 2

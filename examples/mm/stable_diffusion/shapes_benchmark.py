@@ -41,8 +41,8 @@ MARK_BEGIN, MARK_END = "<!-- shapes-benchmark:begin -->", "<!-- shapes-benchmark
 # run -> (config, loop section, overrides, samples generated per optimizer step, optimizer steps per
 # training step, optimizer steps, validate every this many training steps). "Samples" counts the images
 # a method generates for training (SDPO: both trajectories of a pair). The methods' settings are their
-# configs'. Q1 compares the DRaFT and DRaFT+ runs, Q2 the DDPO run with the others' curves, Q3 the DDPO and
-# SDPO runs' validation at 1, 2, 4 and 8 sampler steps (both train on the 10-step sampler).
+# configs'. Q1 compares the DRaFT and DRaFT+ runs, Q2 the DDPO run with the others' curves, Q3 the DDPO,
+# SDPO and GRPO runs' validation at 1, 2, 4 and 8 sampler steps (all train on the 10-step sampler).
 RUNS = {
     "DRaFT+": ("draftp_shapes", "draftp_sd", [], 32, 1, 60, 2),
     "DRaFT": ("draftp_shapes", "draftp_sd", ["model.kl_coeff=0.0"], 32, 1, 60, 2),
@@ -51,10 +51,11 @@ RUNS = {
     "AlignProp": ("alignprop_shapes", "alignprop", [], 32, 1, 20, 2),
     "DDPO": ("ddpo_shapes", "ddpo", [], 72, 2, 60, 3),
     "SDPO": ("sdpo_shapes", "sdpo", [], 72, 2, 40, 2),
+    "GRPO": ("grpo_shapes", "grpo", [], 72, 2, 60, 3),
 }
 # Q1 compares the DRaFT and DRaFT+ runs above (the same settings but kl_coeff)
 Q1_PAIR = ("DRaFT", "DRaFT+")
-GAIN_METHODS = ["DRaFT+", "DRaFT", "DRaFT-LV", "AlignProp", "DDPO", "SDPO"]
+GAIN_METHODS = ["DRaFT+", "DRaFT", "DRaFT-LV", "AlignProp", "DDPO", "SDPO", "GRPO"]
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -249,9 +250,9 @@ def report(out: str, seeds: List[int], docs: Optional[str]) -> int:
                                  f"({'met' if ratio >= 25 else 'not met'}: target ≥ 25×) | {each} |")
     # Q3
     q3 = {}
-    few = [n for n in ("SDPO", "DDPO") if n in results]
+    few = [n for n in ("SDPO", "DDPO", "GRPO") if n in results]
     if few:
-        lines += ["", "**Q3 — few-step sampling (SDPO vs DDPO, both trained on the 10-step sampler).** Gain "
+        lines += ["", "**Q3 — few-step sampling (SDPO vs DDPO, GRPO beside them; all trained on the 10-step sampler).** Gain "
                   "(fine-tuned − base, same latents) at each evaluation step count:", "",
                   "| method | 1 step | 2 steps | 4 steps | 8 steps |", "|---|---|---|---|---|"]
         for name in few:
