@@ -265,8 +265,15 @@ class DiffusionBackend:
         else:
             self.net.disable_gradient_checkpointing()
 
+    def check_guidance_scale(self, guidance_scale: float) -> None:
+        """Refuse a guidance scale the model cannot use (FLUX without a guidance embedding: only 1.0)."""
+
     def step_rule(self, num_steps: int, sampler: Optional[str] = None) -> StepRule:
-        return build_step_rule(self.scheduler, num_steps, sampler or self.default_sampler)
+        sampler = sampler or self.default_sampler
+        if (sampler == "flow") != (self.default_sampler == "flow"):
+            raise ValueError(f"sampler {sampler!r} does not fit the {self.family!r} model family "
+                             f"({'a flow-matching model: use flow' if self.default_sampler == 'flow' else 'a noise-prediction model: use ddim or euler; flow is for sd3 and flux'})")
+        return build_step_rule(self.scheduler, num_steps, sampler)
 
     def initial_latents(self, batch: int, height: int, width: int, rule: StepRule,
                         generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -77,6 +77,19 @@ register_family(Family(
     "sdxl", "nemo_aligner_draft.backends.sdxl:SDXLBackend", ("StableDiffusionXLPipeline",),
     "StableDiffusionXLPipeline", default_sampler="euler"))
 
+# FLUX: the default ``--lora_layers`` of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py (the
+# attention projections of both streams and both feed-forwards of every double-stream block). As peft
+# suffixes, "attn.to_q/k/v" also match the single-stream blocks' attention, which has no to_out (its output
+# goes through the block's fused proj_out with the MLP, not adapted, nor is proj_mlp), and "ff.net.2" does not
+# match "ff_context.net.2" (peft matches whole dotted components). tests/backends/test_flux.py asserts the set.
+_FLUX_LORA = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+              "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+              "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+register_family(Family(
+    "flux", "nemo_aligner_draft.backends.flux:FluxBackend", ("FluxPipeline",), "FluxPipeline",
+    lora_targets={"sdlora": list(_FLUX_LORA), "lora": list(_FLUX_LORA)}, default_sampler="flow",
+    denoiser_class="FluxTransformer2DModel", denoiser_subfolder="transformer"))
+
 
 def get_family(name: str) -> Family:
     if name not in FAMILIES:

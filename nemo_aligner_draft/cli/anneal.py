@@ -90,8 +90,8 @@ def run(cfg, dict_cfg) -> List[str]:
         index = 0
         for start in range(0, len(mine), cfg.model.micro_batch_size):
             batch = mine[start:start + cfg.model.micro_batch_size]
+            cond = model.encode(batch)  # sets the resolution the rule may depend on
             rule = model.step_rule()
-            cond = model.encode(batch)
             # the same initial noise for every weight type, so the types differ only by the mix
             g = seeded_generator(cfg.model.seed, "anneal", rank, start)
             latents = model.backend.initial_latents(len(batch), inf.height, inf.width, rule, generator=g)

@@ -161,20 +161,21 @@ def read_prompts(args) -> List[str]:
     return [p for p in prompts for _ in range(args.num_images_per_prompt)]
 
 
-def attach_finetuned(unet, args) -> Optional[dict]:
-    """Add the fine-tuned adapter (LoRA or soup) to ``unet``; returns a description or None."""
+def attach_finetuned(unet, args, prefix: Optional[str] = None) -> Optional[dict]:
+    """Add the fine-tuned adapter (LoRA or soup) to ``unet`` (the family's denoising network, whose LoRA
+    files carry ``prefix``: unet or transformer); returns a description or None."""
     from ..core.soup import soup_lora
     from ..export.lora_io import apply_lora, lora_scale, read_lora
 
     if args.lora:
-        state, cfg = read_lora(args.lora)
+        state, cfg = read_lora(args.lora, prefix)
         r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
         lora_scale(cfg)  # refuses per-module patterns
         desc = {"lora": os.path.abspath(args.lora), "rank": r, "alpha": alpha}
     elif args.soup_lora:
-        s1, c1 = read_lora(args.soup_lora[0])
+        s1, c1 = read_lora(args.soup_lora[0], prefix)
         with_base = args.soup_lora[1] == SOUP_BASE
-        s2, c2 = (None, c1) if with_base else read_lora(args.soup_lora[1])
+        s2, c2 = (None, c1) if with_base else read_lora(args.soup_lora[1], prefix)
         state = soup_lora(s1, s2, args.soup_alpha, args.soup_mode, lora_scale(c1), lora_scale(c2))
         if args.soup_mode == "delta" and not with_base:
             # delta-mode soups of two adapters stack the ranks and fold the scales into B: load with scaling 1
@@ -218,6 +219,7 @@ def generate(args) -> dict:
     from tqdm import tqdm
 
     from ..backends import load_backend
+    from ..backends.registry import family_of
     from ..core.aig import AIGDenoiser
     from ..core.sampler import StepPlan, sample
 
@@ -231,7 +233,7 @@ def generate(args) -> dict:
         backend.to(args.device)
     lora_flag = "--lora" if args.lora else "--soup-lora"
     with attributed(lora_flag, "a LoRA", args.lora or args.soup_lora):
-        finetuned = attach_finetuned(backend.net, args)
+        finetuned = attach_finetuned(backend.net, args, getattr(family_of(backend), "denoiser_subfolder", "unet"))
     if finetuned is not None:
         backend.net.to(args.device)
     if args.aig:

@@ -23,10 +23,13 @@ def save_lora_file(directory: str, state: Dict[str, torch.Tensor], adapter_confi
 
     from ..backends import get_family
 
-    # the family's pipeline class: its save_lora_weights writes the key prefixes its load_lora_weights expects
-    pipe = getattr(diffusers, get_family(family).pipeline_class)
-    pipe.save_lora_weights(directory, unet_lora_layers=state, weight_name=WEIGHT_NAME, safe_serialization=True,
-                           unet_lora_adapter_metadata=adapter_config)
+    # the family's pipeline class: its save_lora_weights writes the key prefixes its load_lora_weights expects,
+    # and names its arguments after the denoiser's component (unet_lora_layers, transformer_lora_layers, ...)
+    fam = get_family(family)
+    pipe = getattr(diffusers, fam.pipeline_class)
+    part = fam.denoiser_subfolder
+    pipe.save_lora_weights(directory, weight_name=WEIGHT_NAME, safe_serialization=True,
+                           **{f"{part}_lora_layers": state, f"{part}_lora_adapter_metadata": adapter_config})
     return os.path.join(directory, WEIGHT_NAME)
 
 

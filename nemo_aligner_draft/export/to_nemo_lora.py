@@ -51,7 +51,7 @@ def _lora_of(source: str, base: Optional[str]):
 
     if _is_lora_file(source):
         base = check_pipeline(base, "--base (the base pipeline of the LoRA file)")
-        state, config = read_lora(source)
+        state, config = read_lora(source, expected="unet")  # NeMo's SD LoRA is a UNet's
         lora_scale(config)  # refuses per-module rank/alpha patterns
         r, alpha = int(config["r"]), float(config["lora_alpha"])
         family = detect_family(base)

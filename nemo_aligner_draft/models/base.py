@@ -171,6 +171,11 @@ class AlignmentModel(ModelPT):
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         backend = build_backend(m, frozen_dtype_for(precision), raw)
         self.backend: DiffusionBackend = backend
+        with attributed("model.infer.sampler"):  # the sampler must fit the family (flow: sd3, flux)
+            backend.set_resolution(m.infer.height, m.infer.width)
+            self.step_rule()
+        with attributed("model.infer.unconditional_guidance_scale"):
+            backend.check_guidance_scale(m.infer.unconditional_guidance_scale)
         if m.activation_checkpointing:
             with attributed("model.activation_checkpointing"):
                 backend.set_activation_checkpointing(True)
@@ -368,9 +373,9 @@ class AlignmentModel(ModelPT):
         """(rule, conditioning, initial latents, generator for the micro-batch's other draws); ``num_steps``
         other than ``model.infer.inference_steps`` for rollouts on a shorter sampler (GRPO)."""
         inf = self.mcfg.infer
+        cond = self.encode(prompts)  # first: it sets the resolution, which a flow schedule depends on (FLUX)
         rule = self.step_rule(num_steps)
         g = self.generator(round_idx, purpose)
-        cond = self.encode(prompts)
         # one generator per global sample: initial latents do not depend on how the global batch is split
         first = self.first_sample_index(round_idx)
         latents = torch.cat([
@@ -388,9 +393,9 @@ class AlignmentModel(ModelPT):
         """Images from fixed latents (seeded by the validation index), deterministic sampler, policy or
         reference; ``num_steps`` other than ``model.infer.inference_steps`` for few-step evaluation."""
         inf = self.mcfg.infer
+        cond = self.encode(prompts)  # before the rule, as in sampling_setup
         rule = self.step_rule(num_steps)
         g = seeded_generator(self.mcfg.seed, "validation", seed_index)
-        cond = self.encode(prompts)
         latents = self.backend.initial_latents(len(prompts), inf.height, inf.width, rule, generator=g)
         den = (self.backend.reference_denoiser(cond, inf.unconditional_guidance_scale) if use_reference
                else self.backend.denoiser(cond, inf.unconditional_guidance_scale))
