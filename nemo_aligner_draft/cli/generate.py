@@ -63,15 +63,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--config-path", "-cp", default=None, help="directory of --config-name (default: the package's conf/)")
     p.add_argument("overrides", nargs="*", help="with --config-name: Hydra overrides, key=value")
     p.add_argument("--model", help="local diffusers pipeline directory (model_index.json)")
-    p.add_argument("--family", choices=["auto", "sd", "sdxl"])
+    from ..backends.registry import FAMILIES
+
+    p.add_argument("--family", choices=["auto", *FAMILIES])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", nargs="+", help="one or more prompts")
     src.add_argument("--prompt-file", help="text file, one prompt per line (blank lines and # comments skipped)")
     p.add_argument("--num-images-per-prompt", type=int)
     p.add_argument("--seed", type=int, help="image i uses seed + i (default 0)")
     p.add_argument("--steps", type=int, help="sampler steps (default 25)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default 7.5)")
-    p.add_argument("--sampler", help="ddim | euler (default: the family's)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off; default 7.5); FLUX.1-dev: "
+                                             "the value of its guidance embedding")
+    p.add_argument("--sampler", help="ddim | euler | flow (default: the family's; flow for sd3 and flux)")
     p.add_argument("--batch", type=int, help="images per batch (default 4)")
     p.add_argument("--height", type=int, help="default 512")
     p.add_argument("--width", type=int, help="default 512")

@@ -55,9 +55,24 @@ class TrainingReport(Callback):
         self.train_history: List[Dict] = []
         self.val_history: List[Dict] = []
 
-    def _load_history(self):
+    def _history_file(self) -> Optional[str]:
+        """The previous run's metrics.json: in the log dir, or where exp_manager moved it when the run
+        resumed (NeMo moves the earlier run's files into ``run_<n>/``; the highest n is the latest)."""
         path = os.path.join(self.log_dir, "metrics.json")
-        if os.path.isfile(path) and not self.train_history:  # resumed run: keep earlier points
+        if os.path.isfile(path):
+            return path
+        runs = []
+        for name in os.listdir(self.log_dir) if os.path.isdir(self.log_dir) else []:
+            if name.startswith("run_") and name[4:].isdigit():
+                runs.append((int(name[4:]), os.path.join(self.log_dir, name, "metrics.json")))
+        for _, candidate in sorted(runs, reverse=True):
+            if os.path.isfile(candidate):
+                return candidate
+        return None
+
+    def _load_history(self):
+        path = self._history_file()
+        if path is not None and not self.train_history:  # resumed run: keep earlier points
             with open(path) as f:
                 data = json.load(f)
             self.train_history = data.get("train", [])
@@ -69,8 +84,9 @@ class TrainingReport(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         m = trainer.callback_metrics
         if "reward_mean" in m and (not self.train_history or self.train_history[-1]["step"] != trainer.global_step):
-            self.train_history.append({"step": trainer.global_step,
-                                       **{k: float(v) for k, v in m.items() if not k.startswith("val_")}})
+            step = trainer.global_step
+            self.train_history = [h for h in self.train_history if h["step"] < step]  # see on_validation_epoch_end
+            self.train_history.append({"step": step, **{k: float(v) for k, v in m.items() if not k.startswith("val_")}})
 
     def on_validation_epoch_end(self, trainer, pl_module):
         outs = pl_module.val_outputs
@@ -107,7 +123,8 @@ class TrainingReport(Callback):
                             "prompt_diversity_base", "prompt_diversity_tuned"):
                     if key in entry and hasattr(exp, "add_scalar"):
                         exp.add_scalar(f"validation/{key}", entry[key], trainer.global_step)
-        self.val_history.append(entry)
+        # a run resumed from a checkpoint older than its last validation validates those steps again
+        self.val_history = [v for v in self.val_history if v["step"] < entry["step"]] + [entry]
         if trainer.is_global_zero:
             grid = image_grid([base, tuned])
             os.makedirs(os.path.join(self.log_dir, "images"), exist_ok=True)

@@ -126,3 +126,30 @@ def test_guidance_on_flux_without_guidance_embedding_is_one_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and "model.infer.unconditional_guidance_scale" in err and "no guidance embedding" in err
     assert "Traceback" not in err
+
+
+def test_nad_generate_draws_flux_with_lora_scale_and_soup(pipelines, tmp_path):
+    """nad-generate on a FLUX directory with a trained run's LoRA: --lora-scale 0 draws the base model's
+    images exactly, the LoRA draws other ones, and the soup with the base at alpha 0.5 equals
+    --lora-scale 0.5 (both are half the update ΔW)."""
+    from nemo_aligner_draft.cli.generate import generate, parse_args
+    from nemo_aligner_draft.cli.train import main
+
+    family, loop, steps, extra = CELLS["draftp_flux_tiny"]
+    run = tmp_path / "run"
+    assert main(_args("draftp_flux_tiny", pipelines["flux"], run, steps, loop, [*extra, "model.optim.lr=0.05"])) == 0
+    common = ["--model", pipelines["flux"], "--prompt", "a red circle", "a blue square", "--steps", "4", "--cfg", "3.5",
+              "--height", "64", "--width", "64", "--device", "cpu"]
+
+    def draw(name, *more):
+        return generate(parse_args([*common, "--out", str(tmp_path / name), *more]))["images"]
+
+    base = draw("base")
+    lora = draw("lora", "--lora", str(run / "export"))
+    zero = draw("zero", "--lora", str(run / "export"), "--lora-scale", "0")
+    half = draw("half", "--lora", str(run / "export"), "--lora-scale", "0.5")
+    soup = draw("soup", "--soup-lora", str(run / "export"), "base", "--soup-alpha", "0.5")
+    torch.testing.assert_close(zero, base)
+    assert (lora - base).abs().max() > 1e-3
+    torch.testing.assert_close(soup, half, rtol=1e-4, atol=1e-5)
+    assert (half - base).abs().max() > 0 and (half - lora).abs().max() > 0

@@ -91,8 +91,8 @@ def test_run_directory_and_method_metrics(short_run):
 
 
 def test_policy_gradient_checkpoint_holds_tracker_and_resume_continues(short_run, tmp_path):
-    """The stat tracker buffers and samples_seen survive a resume: one more PPO epoch continues the
-    count and appends to the restored per-prompt buffers."""
+    """The stat tracker buffers, samples_seen and the metrics history survive a resume: two more PPO epochs
+    continue the count, append to the restored per-prompt buffers and to the run's metrics.json."""
     import shutil
 
     from nemo_aligner_draft.cli.train import main
@@ -108,17 +108,30 @@ def test_policy_gradient_checkpoint_holds_tracker_and_resume_continues(short_run
         return
     state = ckpt["policy_gradient_state"]
     s = SHORT[name]
+    before_val = [v["step"] for v in json.load(open(os.path.join(d, "metrics.json")))["validation"]]
+    before_train = [h["step"] for h in json.load(open(os.path.join(d, "metrics.json")))["train"]]
+
+    def history_kept():
+        """exp_manager moves the first run's metrics.json into run_0/ on resume: its points are kept."""
+        m = json.load(open(os.path.join(d, "metrics.json")))
+        val, train = [v["step"] for v in m["validation"]], [h["step"] for h in m["train"]]
+        assert before_val and val[:len(before_val)] == before_val and len(val) > len(before_val), (before_val, val)
+        assert train[:len(before_train)] == before_train and train == sorted(set(train)), (before_train, train)
+
     if name == "grpo_sd_tiny":  # GRPO's statistics are each epoch's groups: no tracker to restore
         assert state["tracker"] is None and state["samples_seen"] == 16
-        assert main(overrides(name, short_run["sd"], d, s["steps"] + 2, s["val_every"], s["extra"])) == 0
+        assert main(overrides(name, short_run["sd"], d, s["steps"] + 4, s["val_every"], s["extra"])) == 0
         metrics = json.load(open(os.path.join(d, "metrics.json")))
-        assert metrics["train"][-1]["samples_seen"] == 24
+        assert metrics["train"][-1]["samples_seen"] == 32
+        history_kept()
         return
     before = {tuple(k): len(v) for k, v in zip(state["tracker"]["keys"], state["tracker"]["values"])}
     assert state["samples_seen"] == (32 if name == "sdpo_tiny" else 16) and before
-    assert main(overrides(name, short_run["sd"], d, s["steps"] + 2, s["val_every"], s["extra"])) == 0
+    # two more PPO epochs: the second validates again
+    assert main(overrides(name, short_run["sd"], d, s["steps"] + 4, s["val_every"], s["extra"])) == 0
     metrics = json.load(open(os.path.join(d, "metrics.json")))
-    assert metrics["train"][-1]["samples_seen"] == state["samples_seen"] * 3 / 2
+    assert metrics["train"][-1]["samples_seen"] == state["samples_seen"] * 2
+    history_kept()
     last = [f for f in os.listdir(ckpt_dir) if f.endswith("-last.ckpt")][0]
     after_state = torch.load(os.path.join(ckpt_dir, last), map_location="cpu",
                              weights_only=False)["policy_gradient_state"]

@@ -16,13 +16,16 @@ benchmark's validation at the same step, on seeds 1234 (the test's) / 1 / 2, mea
   DRaFT      (6 steps)  +10.9 ± 2.0, z 5.6 / +9.3 ± 2.8, z 3.3 / +11.3 ± 3.1, z 3.6
   DRaFT-LV   (6 steps)  +6.9 ± 1.8, z 3.7 / +5.0 ± 1.2, z 4.2 / +6.1 ± 2.1, z 2.8
   AlignProp  (8 steps)  +13.6 ± 3.6, z 3.8 / +12.7 ± 4.1, z 3.1 / +14.1 ± 4.0, z 3.5
+  SDPO       (20 steps, its 4-step sampler)  +5.1 ± 1.9, z 2.7 / +2.5 ± 1.0, z 2.4 / +3.8 ± 1.8, z 2.2
 
-``Z_MIN`` = 2 sits below every seed's z (smallest 2.8): the per-image differences are heavy-tailed (an
-object that flips to the wrong colour costs up to −100), so z varies between seeds more than the gain.
-Not here: DDPO and SDPO. On this task at their reference settings DDPO gained +1.9 ± 3.6 after 2,160
-samples (z 2.0 / 0.3 / 3.8) and SDPO −0.3 ± 1.8 after 1,440 samples (docs/experiments.md), which no CI-sized
-run can assert; their beat-the-control tests stay on the ``brightness`` reward
-(``tests/models/test_methods_embedded.py``).
+``Z_MIN`` = 2 sits below every seed's z for the reward-gradient methods (smallest 2.8): the per-image
+differences are heavy-tailed (an object that flips to the wrong colour costs up to −100), so z varies
+between seeds more than the gain. SDPO's margin is thinner (smallest z 2.2 at 20 steps, 1,440 samples;
+at 8 steps seed 1 was still at −0.1), so its threshold is ``Z_MIN_SLOW`` = 1.5; it is the slowest test here
+(about 4 minutes on one thread). Not here: DDPO and GRPO, which gain only after thousands of samples on
+this task (DDPO +3.4, GRPO +3.5 to +4.1 after 4,320; docs/experiments.md), and whose early validations
+swing across 0 between seeds; their beat-the-control tests stay on the ``brightness`` reward
+(``tests/models/test_methods_embedded.py``) and the tiny-model CLI tests.
 """
 import json
 
@@ -30,6 +33,7 @@ import pytest
 import torch
 
 Z_MIN = 2.0
+Z_MIN_SLOW = 1.5  # SDPO: see the module docstring
 
 # name -> (config, loop section, optimizer steps, overrides)
 RUNS = {
@@ -38,6 +42,7 @@ RUNS = {
     "DRaFT-LV": ("draftp_shapes", "draftp_sd", 6, ["model.kl_coeff=0.0", "model.truncation_steps=1",
                                                   "model.lv_copies=2"]),
     "AlignProp": ("alignprop_shapes", "alignprop", 8, []),
+    "SDPO": ("sdpo_shapes", "sdpo", 20, ["model.sdpo.eval_steps=[1]"]),  # one extra step count: cheaper validation
 }
 
 
@@ -50,13 +55,15 @@ def test_method_raises_the_shapes_reward_beyond_zero_lr_control(name, tmp_path):
     run = tmp_path / "run"
     args = [f"--config-name={config}", f"model.pretrained={models.pipeline_path()}",
             f"exp_manager.explicit_log_dir={run}", f"trainer.max_steps={steps}", f"trainer.{loop}.max_steps={steps}",
-            f"trainer.{loop}.val_check_interval={steps}",
+            # policy-gradient loops count validation intervals in epochs of 2 optimizer steps
+            f"trainer.{loop}.val_check_interval={steps // 2 if loop == 'sdpo' else steps}",
             f"trainer.{loop}.save_interval={steps}", "exp_manager.create_tensorboard_logger=false", *extra]
     assert main(args) == 0
     val = json.load(open(run / "metrics.json"))["validation"][-1]
     assert len(val["prompts"]) == 72 and len(set(val["prompts"])) == 18
     diff = torch.tensor(val["rewards_tuned"], dtype=torch.float64) - torch.tensor(val["rewards_base"], dtype=torch.float64)
     se = diff.std() / diff.numel() ** 0.5
-    assert diff.mean() > 0 and diff.mean() > Z_MIN * se, (name, diff.mean().item(), se.item())
+    z_min = Z_MIN_SLOW if name == "SDPO" else Z_MIN
+    assert diff.mean() > 0 and diff.mean() > z_min * se, (name, diff.mean().item(), se.item())
     # per-prompt diversity is logged for both (4 latents per prompt)
     assert 0 < val["prompt_diversity_base"] < 1 and 0 < val["prompt_diversity_tuned"] < 1
