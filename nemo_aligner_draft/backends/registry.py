@@ -90,6 +90,17 @@ register_family(Family(
     lora_targets={"sdlora": list(_FLUX_LORA), "lora": list(_FLUX_LORA)}, default_sampler="flow",
     denoiser_class="FluxTransformer2DModel", denoiser_subfolder="transformer"))
 
+# SD3: the default ``--lora_layers`` of diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py (huggingface/
+# diffusers 58eb52c, lines 1248-1260): the attention projections of both streams of every joint block. As peft suffixes,
+# "attn.to_q" matches no "attn2.to_q" (SD3.5's extra image self-attention, left out as the script does) and the
+# last block's context_pre_only attention simply has no to_add_out. tests/backends/test_sd3.py asserts the set.
+_SD3_LORA = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+             "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+register_family(Family(
+    "sd3", "nemo_aligner_draft.backends.sd3:SD3Backend", ("StableDiffusion3Pipeline",), "StableDiffusion3Pipeline",
+    lora_targets={"sdlora": list(_SD3_LORA), "lora": list(_SD3_LORA)}, default_sampler="flow",
+    denoiser_class="SD3Transformer2DModel", denoiser_subfolder="transformer"))
+
 
 def get_family(name: str) -> Family:
     if name not in FAMILIES:

@@ -166,8 +166,8 @@ def preflight(cfg) -> dict:
         with attributed("model.pretrained", "a diffusers pipeline", m.pretrained):
             family = detect_family(m.pretrained)
     if m.family not in ("auto", family):
-        raise InputError("model.family", f"got {m.family!r}, but model.pretrained={m.pretrained!r} holds an "
-                                         f"{family!r} pipeline (model_index.json); use model.family=auto")
+        raise InputError("model.family", f"got {m.family!r}, but model.pretrained={m.pretrained!r} holds a "
+                                         f"{family!r}-family pipeline (model_index.json); use model.family=auto")
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         import torch
 

@@ -22,6 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CELLS = {
     "draftp_flux_tiny": ("flux", "draftp_sd", 2, []),
     "grpo_flux_tiny": ("flux", "grpo", 4, ["model.infer.inference_steps=4", "model.grpo.rollout_steps=3"]),
+    "draftp_sd3_tiny": ("sd3", "draftp_sd", 2, []),
+    "grpo_sd3_tiny": ("sd3", "grpo", 4, ["model.infer.inference_steps=4", "model.grpo.rollout_steps=3"]),
 }
 
 
@@ -33,8 +35,15 @@ def flux_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipelines(flux_dir):
-    return {"flux": flux_dir}
+def sd3_dir(tmp_path_factory):
+    from nemo_aligner_draft.testing.tiny_sd3 import save_tiny_sd3
+
+    return save_tiny_sd3(str(tmp_path_factory.mktemp("sd3") / "pipe"))
+
+
+@pytest.fixture(scope="module")
+def pipelines(flux_dir, sd3_dir):
+    return {"flux": flux_dir, "sd3": sd3_dir}
 
 
 def _args(name, pipe, run, steps, loop, extra):
@@ -107,6 +116,41 @@ def test_exported_flux_lora_reproduces_the_trained_model_in_diffusers(pipelines,
     assert (unpack_latents(plain, x.shape[2], x.shape[3]) - ours).abs().max() > 1e-4, "the LoRA changes the image"
 
 
+def test_exported_sd3_lora_reproduces_the_trained_model_in_diffusers(pipelines, tmp_path):
+    """The run's LoRA export, loaded with StableDiffusion3Pipeline.load_lora_weights, draws what our backend
+    with the trained adapters draws from the same latents (flow Euler sampler, classifier-free guidance 4.5,
+    CLIP-L + CLIP-G + T5 conditioning, the empty negative prompt)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from nemo_aligner_draft.backends import load_backend
+    from nemo_aligner_draft.cli.train import main
+    from nemo_aligner_draft.core.sampler import StepPlan, sample
+    from nemo_aligner_draft.export.lora_io import apply_lora, read_lora
+
+    family, loop, steps, extra = CELLS["draftp_sd3_tiny"]
+    run = tmp_path / "run"
+    assert main(_args("draftp_sd3_tiny", pipelines["sd3"], run, steps, loop, [*extra, "model.optim.lr=0.05"])) == 0
+    h = w = 64
+    backend = load_backend(pipelines["sd3"], "sd3")
+    state, lcfg = read_lora(str(run / "export"))
+    apply_lora(backend.net, state, int(lcfg["r"]), float(lcfg["lora_alpha"]))
+    backend.set_resolution(h, w)
+    rule = backend.step_rule(4)
+    x = backend.initial_latents(1, h, w, rule, generator=torch.Generator().manual_seed(0))
+    prompt = ["a red circle"]
+    ours = sample(backend.denoiser(backend.encode_prompts(prompt), 4.5), rule, x, StepPlan.no_grad(4)).latents
+
+    def draw(pipe):
+        return pipe(prompt, latents=x.clone(), num_inference_steps=4, guidance_scale=4.5, height=h, width=w,
+                    output_type="latent", max_sequence_length=backend.max_sequence_length).images
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(pipelines["sd3"])
+    pipe.load_lora_weights(str(run / "export"))
+    torch.testing.assert_close(draw(pipe), ours, rtol=1e-4, atol=1e-5)
+    plain = draw(StableDiffusion3Pipeline.from_pretrained(pipelines["sd3"]))
+    assert (plain - ours).abs().max() > 1e-4, "the LoRA changes the image"
+
+
 def test_flow_sampler_on_a_noise_prediction_model_is_one_line(tiny_sd_dir, tmp_path, capsys):
     from nemo_aligner_draft.cli.train import main
 
@@ -153,3 +197,19 @@ def test_nad_generate_draws_flux_with_lora_scale_and_soup(pipelines, tmp_path):
     assert (lora - base).abs().max() > 1e-3
     torch.testing.assert_close(soup, half, rtol=1e-4, atol=1e-5)
     assert (half - base).abs().max() > 0 and (half - lora).abs().max() > 0
+
+
+@pytest.mark.parametrize("config,family,other", [("draftp_sd3_tiny", "sd3", "flux"), ("grpo_flux_tiny", "flux", "sd3")])
+def test_a_directory_of_the_other_flow_family_is_one_line(config, family, other, pipelines, tmp_path, capsys):
+    """A FLUX directory under an SD3 config with ``model.family=sd3`` (and the reverse): exit 2, one line that
+    names the key or path and the pipeline class model_index.json names, nothing written."""
+    from nemo_aligner_draft.cli.train import main
+
+    run = tmp_path / "r"
+    rc = main([f"--config-name={config}", f"model.pretrained={pipelines[other]}", f"model.family={family}",
+               f"exp_manager.explicit_log_dir={run}", "trainer.max_steps=1"])
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2 and "Traceback" not in err and len(ours) == 1, err
+    assert "model.family" in ours[0] and f"holds a '{other}'-family pipeline" in ours[0], ours[0]
+    assert not run.exists() or not any(run.rglob("*.ckpt"))

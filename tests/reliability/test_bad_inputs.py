@@ -107,7 +107,7 @@ CASES = [
     ("LoRA targets match no module", ["model.peft.lora_tuning.target_modules=[no_such_proj]"],
      ["model.peft.lora_tuning.target_modules:", "no_such_proj"]),
     ("family forced against the pipeline", ["model.family=sdxl"],
-     ["model.family: got 'sdxl', but", "holds an 'sd' pipeline"]),
+     ["model.family: got 'sdxl', but", "holds a 'sd'-family pipeline"]),
     ("PPO epoch larger than the prompt set", ["model.data.train.dataset_path={d}/two.txt", "model.algorithm=ddpo",
                                               "+model.ddpo.num_sample_batches=2", "model.infer.eta=1.0",
                                               "rm.name=jpeg_compressibility", "+trainer.ddpo.max_steps=1"],
