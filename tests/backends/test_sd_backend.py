@@ -98,6 +98,6 @@ def test_load_backend_directory_without_model_index_names_the_path(tmp_path):
 
 
 def test_load_backend_unknown_family(tiny_sd_dir):
-    with pytest.raises(ValueError, match="sd3"):
-        load_backend(tiny_sd_dir, family="sd3")
+    with pytest.raises(ValueError, match="kandinsky"):
+        load_backend(tiny_sd_dir, family="kandinsky")
     assert os.path.isfile(os.path.join(tiny_sd_dir, "model_index.json"))

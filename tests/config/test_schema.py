@@ -22,8 +22,8 @@ def _problems(raw):
     (dict(lv_copies=-1), "model.lv_copies", "expected an integer >= 0"),
     (dict(truncation_steps=0), "model.truncation_steps", "expected an integer in [1, model.infer.inference_steps=50]"),
     (dict(lv_copies=2, truncation_steps=3), "model.truncation_steps", "expected 1 when model.lv_copies > 0"),
-    (dict(family="sd3"), "model.family", "expected one of auto, sd, sdxl"),
-    (dict(algorithm="nope"), "model.algorithm", "expected one of draftp, alignprop, ddpo, sdpo"),
+    (dict(family="kandinsky"), "model.family", "expected one of auto, sd, sdxl, flux, sd3"),
+    (dict(algorithm="nope"), "model.algorithm", "expected one of draftp, alignprop, ddpo, sdpo, grpo"),
 ])
 def test_model_level_ranges_are_checked_with_their_key(model, key, fragment):
     problems = _problems(_minimal(**model))
