@@ -54,6 +54,7 @@ class Family:
     default_sampler: str = "ddim"
     denoiser_class: str = "UNet2DConditionModel"  # diffusers class of the trained network
     denoiser_subfolder: str = "unet"
+    nemo_checkpoints: bool = False  # NeMo (and NeMo-Aligner) had SD checkpoints of this family: the .nemo converters apply
 
     def backend_class(self) -> type:
         module, _, name = self.backend.partition(":")
@@ -72,10 +73,10 @@ def register_family(family: Family) -> Family:
 
 register_family(Family(
     "sd", "nemo_aligner_draft.backends.sd:SDBackend", ("StableDiffusionPipeline",), "StableDiffusionPipeline",
-    default_sampler="ddim"))
+    default_sampler="ddim", nemo_checkpoints=True))
 register_family(Family(
     "sdxl", "nemo_aligner_draft.backends.sdxl:SDXLBackend", ("StableDiffusionXLPipeline",),
-    "StableDiffusionXLPipeline", default_sampler="euler"))
+    "StableDiffusionXLPipeline", default_sampler="euler", nemo_checkpoints=True))
 
 # FLUX: the default ``--lora_layers`` of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py (the
 # attention projections of both streams and both feed-forwards of every double-stream block). As peft

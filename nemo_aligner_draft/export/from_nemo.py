@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..backends import detect_family, get_family
+from ..backends import get_family
 from ..backends.base import lora_config
 from .ldm_layout import (
     UNET_PREFIXES,
@@ -24,7 +24,7 @@ from .ldm_layout import (
 from .lora import WEIGHT_NAME, save_lora_file
 from .nemo_adapters import network_alpha_of, nemo_to_peft
 from .output import atomic_output, write_pipeline
-from .read import check_pipeline, load_denoiser, read_nemo_archive
+from .read import check_nemo_family, check_pipeline, load_denoiser, read_nemo_archive
 
 
 def import_nemo(path: str, base: str, out_dir: str, layout: Optional[str] = None) -> str:
@@ -38,8 +38,8 @@ def import_nemo(path: str, base: str, out_dir: str, layout: Optional[str] = None
     from ..backends.base import load_vae
 
     base = check_pipeline(base, "--base")
+    family = get_family(check_nemo_family(base))
     _, weights = read_nemo_archive(path)
-    family = get_family(detect_family(base))
     unet = load_denoiser(base, family.name)
     nemo_unet = strip_prefix(weights, UNET_PREFIXES, "input_blocks.0.0.weight")
     unet.load_state_dict(unet_from_nemo(nemo_unet, unet.state_dict(), unet.config, layout), strict=True)
@@ -77,9 +77,9 @@ def import_nemo_lora(path: str, base: str, out_dir: str, alpha=_UNSET) -> str:
     network_alpha, None for null; by default read from the checkpoint's config (the ``.nemo``
     model_config.yaml or the ``.ckpt`` hyper_parameters), else null (scale 1)."""
     base = check_pipeline(base, "--base")
+    family = check_nemo_family(base)
     config, weights = read_nemo_archive(path)
     network_alpha = resolve_network_alpha(config, alpha)
-    family = detect_family(base)
     unet = load_denoiser(base, family)
     state, rank, _ = nemo_to_peft(weights, unet)
     lt = ((config.get("peft") or {}).get("lora_tuning") or {}) if isinstance(config, dict) else {}

@@ -116,6 +116,17 @@ def check_pipeline(base: Optional[str], what: str) -> str:
     return base
 
 
+def check_nemo_family(base: str) -> str:
+    """The family of ``base`` if NeMo had Stable Diffusion checkpoints of it (SD, SDXL); otherwise one line
+    naming the pipeline and what converts it instead."""
+    fam = get_family(detect_family(base))
+    if not fam.nemo_checkpoints:
+        raise ConversionError(f"{base!r} holds a {fam.pipeline_class} ('{fam.name}' family): NeMo's Stable Diffusion "
+                              f"checkpoints (.nemo, NeMo-Aligner adapters) are SD and SDXL UNets only; convert it "
+                              f"with to-diffusers or to-lora")
+    return fam.name
+
+
 def load_denoiser(pipeline_dir: str, family: Optional[str] = None):
     """The denoising network of a diffusers pipeline directory, of the class its model family names."""
     import diffusers
@@ -187,8 +198,10 @@ def load_trained_unet(path: str, base: Optional[str] = None):
         targets = lt.get("target_modules") or lora_targets(family, scheme)
         adapted = {k.split(".lora_")[0] for k in unet_state if ".lora_A." in k}
         if not lt.get("target_modules") and scheme == "sdlora" and adapted and \
-                not any(".ff.net." in m for m in adapted):
-            targets = LEGACY_SDLORA_TARGETS  # a run from before sdlora adapted the feed-forward too
+                any(t.startswith("ff.net.") for t in targets) and not any(".ff.net." in m for m in adapted):
+            # a run from before sdlora adapted the feed-forward too (SD/SDXL); a family whose sdlora
+            # targets are attention only (SD3) is not one
+            targets = LEGACY_SDLORA_TARGETS
         unet.add_adapter(lora_config(lt.get("adapter_dim", defaults.lora_tuning.adapter_dim),
                                      lt.get("network_alpha", defaults.lora_tuning.network_alpha), targets))
     own = unet.state_dict()

@@ -47,7 +47,7 @@ from .ldm_layout import (
     vae_to_nemo,
 )
 from .output import atomic_output, write_nemo_tar
-from .read import load_denoiser
+from .read import check_nemo_family, load_denoiser
 from .to_diffusers import load_merged_unet
 
 # the prefixes MegatronLatentDiffusion gives its modules (ddpm.py:1700 self.model = LatentDiffusion;
@@ -96,9 +96,11 @@ def _unet_and_vae(source: str, base: Optional[str]):
     from ..backends.base import load_vae
 
     if os.path.isfile(os.path.join(source, "model_index.json")):
+        check_nemo_family(source)
         unet, base = load_denoiser(source), source
     else:
         unet, base = load_merged_unet(source, base)
+        check_nemo_family(base)
     vae = load_vae(base)
     if not isinstance(vae, AutoencoderKL):
         raise ValueError(f"{os.path.join(base, 'vae')}: the NeMo/LDM checkpoint layout holds an AutoencoderKL VAE, "

@@ -28,7 +28,7 @@ from .lora import WEIGHT_NAME
 from .lora_io import lora_scale, read_lora
 from .nemo_adapters import peft_to_nemo
 from .output import atomic_output, write_nemo_tar
-from .read import check_pipeline, load_denoiser, load_trained_unet
+from .read import check_nemo_family, check_pipeline, load_denoiser, load_trained_unet
 
 # ModelPT writes the instance's class path as ``target`` (modelPT.py:118-121): NeMo-Aligner's DRaFT+ models
 NEMO_ALIGNER_TARGETS = {
@@ -54,11 +54,12 @@ def _lora_of(source: str, base: Optional[str]):
         state, config = read_lora(source, expected="unet")  # NeMo's SD LoRA is a UNet's
         lora_scale(config)  # refuses per-module rank/alpha patterns
         r, alpha = int(config["r"]), float(config["lora_alpha"])
-        family = detect_family(base)
+        family = check_nemo_family(base)
         return state, r, alpha, load_denoiser(base, family), family
     from peft.utils import get_peft_model_state_dict
 
     unet, _, base = load_trained_unet(source, base)
+    check_nemo_family(base)
     if not getattr(unet, "peft_config", None):
         raise ConversionError(f"{source!r} is a full fine-tune (model.peft.peft_scheme none): there are no "
                               f"adapters to write; use to-nemo for the whole model")

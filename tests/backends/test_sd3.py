@@ -306,6 +306,75 @@ def test_checkpointed_grads_equal_plain(lora_backend):
     assert_grads_close(act, plain, rtol=1e-4, atol=1e-7)
 
 
+def test_draft_lv_with_the_velocity_penalty_equals_an_explicit_flow_computation(lora_backend, sd3_dir):
+    """DRaFT-LV on the flow path with DRaFT+'s penalty, against a computation written here: the pipeline's
+    prompt encoding, diffusers' scheduler for the no-grad chain, each copy re-noised along the flow path
+    x1 = (1 − σ)·x0 + σ·ε at the last step's σ, one CFG transformer call, the reward on x̂0 = x1 − σ·v, and
+    the penalty on the CFG-combined velocity against the adapters-off network's."""
+    pipe = load_pipe(sd3_dir)
+    net = lora_backend.net
+    copies, kl, seed = 2, 0.3, 21
+    latents = noise(seed=7)
+    lora_backend.setup_reference(use_adapters=True)
+    cond = lora_backend.encode_prompts(PROMPTS)
+    rule = lora_backend.step_rule(STEPS)
+
+    def ours_fn():
+        loss, metrics, _ = draft_objective(lora_backend.denoiser(cond, CFG), lora_backend.reference_denoiser(cond, CFG),
+                                           rule, latents, lora_backend.decode, brightness,
+                                           DraftConfig(lv_copies=copies, kl_coeff=kl),
+                                           generator=torch.Generator().manual_seed(seed))
+        assert metrics["kl_penalty"] > 0
+        return loss
+
+    with torch.no_grad():
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True,
+                                                             max_sequence_length=SEQ)
+    hidden, pooled_all = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+
+    def velocity(x, t):
+        v_u, v_c = net(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * len(PROMPTS)),
+                       encoder_hidden_states=hidden, pooled_projections=pooled_all).sample.chunk(2)
+        return v_u + CFG * (v_c - v_u)
+
+    def explicit_fn():
+        x = latents
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(velocity(x, t), t, x).prev_sample
+        g = torch.Generator().manual_seed(seed)
+        sigma, t_last = scheduler.sigmas[STEPS - 1], scheduler.timesteps[STEPS - 1]
+        per_copy = []
+        for _ in range(copies):
+            x1 = (1 - sigma) * x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype)
+            v = velocity(x1, t_last)
+            net.disable_adapters()
+            try:
+                with torch.no_grad():
+                    v_ref = velocity(x1, t_last)
+            finally:
+                net.enable_adapters()
+            vae = pipe.vae
+            images = vae.decode((x1 - sigma * v) / vae.config.scaling_factor + vae.config.shift_factor).sample
+            per_copy.append(-brightness((images / 2 + 0.5).clamp(0, 1)).mean() + kl * ((v - v_ref) ** 2).mean())
+        assert not torch.allclose(per_copy[0], per_copy[1]), "two copies are two draws"
+        return torch.stack(per_copy).mean()
+
+    loss_ours, ours = grads_of(net, ours_fn)
+    loss_ref, ref = grads_of(net, explicit_fn)
+    assert sum(float(g.abs().sum()) for g in ours.values()) > 0
+    assert loss_ours == pytest.approx(loss_ref, rel=1e-5)
+    assert_grads_close(ours, ref, rtol=1e-3, atol=1e-6)
+    # the penalty is in the gradient: without it the gradient is a different one
+    lora_backend.reference_model = None
+    _, plain = grads_of(net, lambda: draft_objective(lora_backend.denoiser(cond, CFG), None, rule, latents,
+                                                     lora_backend.decode, brightness, DraftConfig(lv_copies=copies),
+                                                     generator=torch.Generator().manual_seed(seed))[0])
+    assert grad_distance(ours, plain) > 1e-3
+
+
 # --------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("which,class_name", [("sd", "StableDiffusionPipeline"),
                                               ("sdxl", "StableDiffusionXLPipeline")])

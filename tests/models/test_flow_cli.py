@@ -213,3 +213,115 @@ def test_a_directory_of_the_other_flow_family_is_one_line(config, family, other,
     assert rc == 2 and "Traceback" not in err and len(ours) == 1, err
     assert "model.family" in ours[0] and f"holds a '{other}'-family pipeline" in ours[0], ours[0]
     assert not run.exists() or not any(run.rglob("*.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def trained(pipelines, tmp_path_factory):
+    """family -> the run directory of a short DRaFT+ run (lr 0.05, so the LoRA moves the images)."""
+    from nemo_aligner_draft.cli.train import main
+
+    runs = {}
+    for family in ("flux", "sd3"):
+        name = f"draftp_{family}_tiny"
+        _, loop, steps, extra = CELLS[name]
+        run = tmp_path_factory.mktemp(f"trained_{family}") / "run"
+        assert main(_args(name, pipelines[family], run, steps, loop, [*extra, "model.optim.lr=0.05"])) == 0
+        runs[family] = str(run)
+    return runs
+
+
+def _diffusers_latents(family, pipe, x, prompt, guidance, max_sequence_length):
+    """The plain diffusers pipeline's final latents from our initial latents ``x`` (FLUX: packed and back)."""
+    from nemo_aligner_draft.backends.flux import pack_latents, unpack_latents
+
+    h, w = x.shape[2] * 8, x.shape[3] * 8
+    out = pipe(prompt, latents=pack_latents(x) if family == "flux" else x.clone(), num_inference_steps=4,
+               guidance_scale=guidance, height=h, width=w, output_type="latent",
+               max_sequence_length=max_sequence_length).images
+    return unpack_latents(out, x.shape[2], x.shape[3]) if family == "flux" else out
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_merged_pipeline_export_draws_the_trained_model_in_diffusers(family, pipelines, trained, tmp_path):
+    """nad-convert to-diffusers on a flow run: the LoRA is folded into transformer/ (no peft keys left) and
+    the plain FluxPipeline / StableDiffusion3Pipeline loaded from the merged directory draws what our backend
+    with the run's adapters draws from the same latents (merging changes float32 rounding only)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from nemo_aligner_draft.backends import load_backend
+    from nemo_aligner_draft.cli.convert import main as convert
+    from nemo_aligner_draft.core.sampler import StepPlan, sample
+    from nemo_aligner_draft.export.lora_io import apply_lora, read_lora
+
+    out = str(tmp_path / "merged")
+    assert convert(["to-diffusers", trained[family], out]) == 0
+    weights = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
+    assert not [k for k in weights if "lora" in k]
+    assert json.load(open(os.path.join(out, "model_index.json")))["_class_name"] == (
+        "FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline")
+    guidance = 3.5 if family == "flux" else 4.5
+    backend = load_backend(pipelines[family], family)
+    state, lcfg = read_lora(os.path.join(trained[family], "export"))
+    apply_lora(backend.net, state, int(lcfg["r"]), float(lcfg["lora_alpha"]))
+    backend.set_resolution(64, 64)
+    rule = backend.step_rule(4)
+    x = backend.initial_latents(1, 64, 64, rule, generator=torch.Generator().manual_seed(0))
+    prompt = ["a red circle"]
+    ours = sample(backend.denoiser(backend.encode_prompts(prompt), guidance), rule, x, StepPlan.no_grad(4)).latents
+    cls = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
+    merged = _diffusers_latents(family, cls.from_pretrained(out), x, prompt, guidance, backend.max_sequence_length)
+    torch.testing.assert_close(merged, ours, rtol=1e-4, atol=1e-5)
+    base = _diffusers_latents(family, cls.from_pretrained(pipelines[family]), x, prompt, guidance,
+                              backend.max_sequence_length)
+    assert (base - ours).abs().max() > 1e-4, "the merged LoRA changes the image"
+
+
+def test_nad_generate_draws_sd3_with_lora_scale_and_soup(pipelines, trained, tmp_path):
+    """nad-generate on an SD3 directory (classifier-free guidance on the empty negative prompt): --lora-scale 0
+    is the base model exactly, the LoRA draws other images, the soup with the base at alpha 0.5 equals
+    --lora-scale 0.5, and the merged export draws the --lora images."""
+    from nemo_aligner_draft.cli.convert import main as convert
+    from nemo_aligner_draft.cli.generate import generate, parse_args
+
+    lora_dir = os.path.join(trained["sd3"], "export")
+    common = ["--prompt", "a red circle", "a blue square", "--steps", "4", "--cfg", "4.5", "--height", "64",
+              "--width", "64", "--device", "cpu"]
+
+    def draw(name, model, *more):
+        return generate(parse_args(["--model", model, *common, "--out", str(tmp_path / name), *more]))["images"]
+
+    base = draw("base", pipelines["sd3"])
+    lora = draw("lora", pipelines["sd3"], "--lora", lora_dir)
+    zero = draw("zero", pipelines["sd3"], "--lora", lora_dir, "--lora-scale", "0")
+    half = draw("half", pipelines["sd3"], "--lora", lora_dir, "--lora-scale", "0.5")
+    soup = draw("soup", pipelines["sd3"], "--soup-lora", lora_dir, "base", "--soup-alpha", "0.5")
+    torch.testing.assert_close(zero, base)
+    assert (lora - base).abs().max() > 1e-3
+    torch.testing.assert_close(soup, half, rtol=1e-4, atol=1e-5)
+    assert (half - base).abs().max() > 0 and (half - lora).abs().max() > 0
+    assert convert(["to-diffusers", trained["sd3"], str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(draw("merged", str(tmp_path / "merged")), lora, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_nemo_converters_refuse_a_flow_family_in_one_line(family, pipelines, trained, tmp_path, capsys):
+    """NeMo had SD / SDXL checkpoints only: to-nemo (of a run or of the pipeline), to-nemo-lora and the
+    from-nemo directions with a flow pipeline as --base name the pipeline class and what converts it; nothing
+    is written."""
+    from nemo_aligner_draft.cli.convert import main as convert
+
+    fake = tmp_path / "any.nemo"
+    fake.write_bytes(b"not read: the base is refused first")
+    calls = [["to-nemo", trained[family], str(tmp_path / "a.nemo")],
+             ["to-nemo", pipelines[family], str(tmp_path / "b.nemo")],
+             ["to-nemo-lora", trained[family], str(tmp_path / "c.nemo")],
+             ["from-nemo", str(fake), str(tmp_path / "d"), "--base", pipelines[family]],
+             ["from-nemo-lora", str(fake), str(tmp_path / "e"), "--base", pipelines[family]]]
+    cls = "FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline"
+    for argv in calls:
+        assert convert(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and cls in err and "SD and SDXL UNets only" in err, (argv, err)
+        assert "to-diffusers or to-lora" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["any.nemo"]
