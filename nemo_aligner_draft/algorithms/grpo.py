@@ -60,4 +60,4 @@ class GRPORecipe(PolicyGradientRecipe):
             return grpo_step_loss(den, ref, rule, rollout.select(idx.to(rollout.final.device)), adv[idx], steps,
                                   pg, eta)
 
-        return prompts, rule, step_loss, self.reward_stats(rewards_t)
+        return prompts, rule, step_loss, self.reward_stats(rewards_t), rollout.num_steps

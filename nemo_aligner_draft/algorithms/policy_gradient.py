@@ -31,6 +31,7 @@ epoch's rollouts and return the per-train-batch loss.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -41,6 +42,8 @@ from ..core.sdpo import dense_rewards, discounted_returns, sdpo_advantages, sdpo
 from ..core.stat_tracking import PerPromptStatTracker, batch_advantages
 from ..errors import InputError
 from .optimizer_step import OptimizerStep
+
+_log = logging.getLogger("nemo_aligner_draft")
 
 # (train-batch sample indices [b], their step indices [b], rule, denoiser, the batch's conditioning)
 #   -> (loss, metrics)
@@ -71,11 +74,12 @@ class PolicyGradientRecipe:
         self.samples_seen = 0  # images generated for training, all ranks (SDPO: both trajectories)
         self.ppo_epochs = 0
         self._epoch_start = 0.0
+        self._told_deterministic = False
 
     # ------------------------------------------------------------------ what an algorithm implements
-    def collect(self, chunks: List[List[str]], epoch_round: int) -> Tuple[List[str], object, StepLoss, Dict]:
+    def collect(self, chunks: List[List[str]], epoch_round: int) -> Tuple[List[str], object, StepLoss, Dict, int]:
         """Sample and score one epoch: returns (prompts in sample order, the sampler rule, the step loss,
-        reward statistics to log)."""
+        reward statistics to log, the number of trainable (stochastic) steps of the rollouts)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ data
@@ -107,9 +111,14 @@ class PolicyGradientRecipe:
         self._epoch_start = time.perf_counter()
         self.step.start()
         epoch_round = model.consumed_samples // (self.prompts_per_step * model.dp_size)
-        prompts, rule, step_loss, reward_stats = self.collect(self.chunk_prompts(prompts), epoch_round)
+        prompts, rule, step_loss, reward_stats, train_steps = self.collect(self.chunk_prompts(prompts), epoch_round)
         model.consumed_samples += self.prompts_per_step * model.dp_size
-        loss = self._train_passes(prompts, rule, epoch_round, step_loss, reward_stats)
+        if train_steps < rule.num_steps and not self._told_deterministic:
+            self._told_deterministic = True
+            _log.info(f"{self.algo}: the last {rule.num_steps - train_steps} of {rule.num_steps} sampler steps are "
+                     f"deterministic at model.infer.eta={model.mcfg.infer.eta} (the DDIM schedule ends on "
+                     f"alpha_cumprod 1: the scheduler's set_alpha_to_one); training on the first {train_steps}")
+        loss = self._train_passes(prompts, rule, train_steps, epoch_round, step_loss, reward_stats)
         self.ppo_epochs += 1
         return loss
 
@@ -132,7 +141,8 @@ class PolicyGradientRecipe:
             r = torch.cat(gathered)
         return {"reward_mean": r.mean(), "reward_std": r.std(unbiased=False)}
 
-    def _train_passes(self, prompts: List[str], rule, epoch_round: int, step_loss: StepLoss, reward_stats):
+    def _train_passes(self, prompts: List[str], rule, train_steps: int, epoch_round: int, step_loss: StepLoss,
+                      reward_stats):
         """``num_inner_epochs`` shuffled passes; one optimizer step per sample batch's worth of samples."""
         model, pg = self.model, self.pg
         w = model.mcfg.infer.unconditional_guidance_scale
@@ -141,7 +151,7 @@ class PolicyGradientRecipe:
         last: Dict = {}
         for inner in range(pg.num_inner_epochs):
             g = model.generator(epoch_round, f"{self.algo}_train_{inner}")
-            batches = list(iter_train_minibatches(len(prompts), tmb, rule.num_steps, pg.timestep_fraction, generator=g))
+            batches = list(iter_train_minibatches(len(prompts), tmb, train_steps, pg.timestep_fraction, generator=g))
             for b_i, mb in enumerate(batches):
                 cond = model.backend.encode_prompts([prompts[int(k)] for k in mb.indices])
                 den = model.backend.denoiser(cond, w)
@@ -214,7 +224,7 @@ class DDPORecipe(PolicyGradientRecipe):
             return ddpo_step_loss(den, rule, rollout.select(idx.to(rollout.final.device)), adv[idx], steps,
                                   self.pg, eta)
 
-        return prompts, rule, step_loss, self.reward_stats(rewards_t)
+        return prompts, rule, step_loss, self.reward_stats(rewards_t), rollout.num_steps
 
 
 class SDPORecipe(PolicyGradientRecipe):
@@ -249,5 +259,5 @@ class SDPORecipe(PolicyGradientRecipe):
                                   self.pg, eta)
 
         # the last step's x̂0 is the final image: its (undiscounted) reward is the sample's reward
-        return prompts, rule, step_loss, self.reward_stats(torch.cat(finals))
+        return prompts, rule, step_loss, self.reward_stats(torch.cat(finals)), min(first.num_steps, second.num_steps)
 

@@ -69,7 +69,8 @@ class Rollout:
     """Stored samples of one rollout, all detached.
 
     latents ``[B, T, C, h, w]``: x_i before step i; next_latents ``[B, T, C, h, w]``: x_{i+1};
-    log_probs ``[B, T]``: log π_old(x_{i+1} | x_i) (mean over latent dims); timesteps ``[T]``
+    log_probs ``[B, T]``: log π_old(x_{i+1} | x_i) (mean over latent dims); timesteps ``[T]``. T counts the
+    stochastic steps (:attr:`num_steps`): the sampler's, less a deterministic last DDIM step if it has one
     (model timesteps, descending); final ``[B, C, h, w]``: the sample; pred_x0_steps: per-step x̂0
     ``[B, T, C, h, w]`` when requested (SDPO), else None.
     """
@@ -103,7 +104,13 @@ def ddpo_rollout(denoiser: Denoiser, rule: StepRule, latents: torch.Tensor, eta:
                      generator=generator, keep_trajectory=True, keep_pred_x0=keep_pred_x0)
     traj = out.trajectory
     px = torch.stack([p.detach() for p in out.pred_x0_steps], dim=1) if keep_pred_x0 else None
-    return Rollout(traj[:, :-1], traj[:, 1:], out.log_probs, rule.timesteps.clone(),
+    if out.log_probs is None:
+        raise ValueError(f"no step of the {rule.num_steps}-step sampler is stochastic at eta={eta}")
+    # A DDIM schedule whose last step lands on ᾱ = 1 (the scheduler's set_alpha_to_one) makes that step
+    # deterministic at any eta: it has no log-probability and no policy gradient, so the rollout holds the
+    # stochastic steps only (a prefix: the sampler refuses any other layout). pred_x0_steps keep every step.
+    n = out.log_probs.shape[1]
+    return Rollout(traj[:, :n], traj[:, 1:n + 1], out.log_probs, rule.timesteps[:n].clone(),
                    out.latents.detach(), px)
 
 

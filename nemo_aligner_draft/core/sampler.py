@@ -318,6 +318,7 @@ def sample(
     out = SampleOutput(latents=x, pred_x0=x)
     traj = [x.detach()] if keep_trajectory else None
     log_probs = []
+    deterministic_at = None  # the first step without a log-probability (eta > 0: a DDIM step landing on ᾱ = 1)
     # exact step checkpointing: one chain for every checkpointed step of this call (None: torch's checkpoint)
     chain = _exact_chain(denoiser, rule, eta) if checkpoint and any(plan.grad) else None
     for i in range(rule.num_steps):
@@ -348,7 +349,12 @@ def sample(
         if keep_pred_x0:
             out.pred_x0_steps.append(x0)
         if lp is not None:
+            if deterministic_at is not None:
+                raise ValueError(f"step {i} is stochastic after the deterministic step {deterministic_at}: the "
+                                 f"log-probabilities would not line up with the steps")
             log_probs.append(lp.detach())
+        elif eta > 0 and deterministic_at is None:
+            deterministic_at = i
         if traj is not None:
             traj.append(x_next.detach())
         out.pred_x0 = x0

@@ -38,3 +38,31 @@ def test_draftp_sdxl_trains_from_the_cli_and_exports_lora(tiny_sdxl, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
     pipe.load_lora_weights(os.path.join(run, "export"))  # diffusers accepts the exported SDXL LoRA
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+def test_grpo_on_sdxl_through_the_cli_on_the_ddim_sde(tiny_sdxl, tmp_path):
+    """The SDXL × GRPO cell: grpo_sd_tiny's recipe on the SDXL pipeline (its added time ids and pooled text
+    embeds in every rollout and train call), on the DDIM SDE; rollouts on 3 steps, validation on 4."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from nemo_aligner_draft.cli.train import main
+
+    run = tmp_path / "run"
+    rc = main(["--config-name=grpo_sd_tiny", f"model.pretrained={tiny_sdxl}", f"exp_manager.explicit_log_dir={run}",
+               "trainer.max_steps=4", "trainer.grpo.max_steps=4", "trainer.grpo.val_check_interval=2",
+               "trainer.grpo.save_interval=4", "trainer.grpo.limit_val_batches=1",
+               "exp_manager.create_tensorboard_logger=false", "model.infer.inference_steps=4",
+               "model.grpo.rollout_steps=3"])
+    assert rc == 0
+    cfg = json.load(open(run / "metrics.json"))
+    last = cfg["train"][-1]
+    assert last["step"] == 4 and last["grad_norm"] > 0 and "kl" in last and "clipfrac" in last
+    val = cfg["validation"][-1]
+    assert val["rewards_tuned"] != val["rewards_base"], "the trained LoRA changed the validation images"
+    import yaml
+
+    saved = yaml.safe_load(open(run / "config.yaml"))
+    assert (saved["model"]["algorithm"], saved["model"]["infer"]["sampler"]) == ("grpo", "ddim")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    pipe.load_lora_weights(os.path.join(run, "export"))
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())

@@ -177,3 +177,52 @@ def test_rollout_rejects_deterministic_samplers(backend):
     euler = EulerRule(torch.tensor([2.0, 1.0, 0.0]), torch.tensor([999, 500]))
     with pytest.raises(ValueError, match="eta > 0"):
         ddpo_rollout(lambda x, t: x, euler, torch.zeros(1, 4, 8, 8), eta=1.0)
+
+
+def test_a_deterministic_last_ddim_step_is_left_out_of_the_rollout(backend):
+    """A DDIM schedule ending on ᾱ = 1 (set_alpha_to_one true: DDIMScheduler's default, which a scheduler
+    config without the key converts to, as the tiny SDXL's Euler config does) has no noise in its last step
+    at any eta: the rollout keeps the
+    T − 1 stochastic steps, each stored x_i / x_{i+1} / log-prob still the hand-written density's, and the
+    final sample is the last step's output."""
+    from diffusers import DDIMScheduler
+
+    from nemo_aligner_draft.core.schedulers import DDIMRule
+
+    sched = DDIMScheduler.from_config(backend.scheduler.config, set_alpha_to_one=True)
+    rule = DDIMRule.from_diffusers(sched, T)
+    assert rule.final_alpha_cumprod == 1.0
+    cond = backend.encode_prompts(PROMPTS)
+    g = torch.Generator().manual_seed(0)
+    lat = backend.initial_latents(len(PROMPTS), 64, 64, rule, generator=g)
+    out = ddpo_rollout(backend.denoiser(cond, 3.0), rule, lat, ETA, generator=g)
+    assert out.num_steps == T - 1 and out.latents.shape[1] == out.next_latents.shape[1] == T - 1
+    torch.testing.assert_close(out.timesteps, rule.timesteps[:T - 1])
+    torch.testing.assert_close(out.next_latents[:, :-1], out.latents[:, 1:])
+    for i in range(T - 1):  # steps before the last have a_prev < 1: the density of the test above
+        ref = _hand_log_density(backend, cond, rule, out.latents[:, i], out.next_latents[:, i], i, 3.0)
+        torch.testing.assert_close(out.log_probs[:, i].double(), ref, atol=2e-4, rtol=1e-5)
+    with torch.no_grad():  # the deterministic last step: x0 = (x − √(1−ᾱ) ε) / √ᾱ, landing on ᾱ = 1
+        x = out.next_latents[:, -1]
+        a = float(rule.alphas_cumprod[int(rule.timesteps[-1])])
+        eps = backend.denoiser(cond, 3.0)(x, rule.timesteps[-1])
+        torch.testing.assert_close(out.final, (x - math.sqrt(1 - a) * eps) / math.sqrt(a), atol=1e-5, rtol=1e-5)
+    # training on it: every step index the minibatches draw has its stored tensors
+    cfg = DDPOConfig(train_micro_batch_size=3)
+    for mb in iter_train_minibatches(3, 3, out.num_steps, 1.0, torch.Generator().manual_seed(1)):
+        loss, _ = ddpo_step_loss(backend.denoiser(cond, 3.0), rule, out.select(mb.indices), torch.ones(3),
+                                 mb.steps[:, 0], cfg, ETA)
+        assert torch.isfinite(loss)
+
+
+def test_sampler_refuses_a_stochastic_step_after_a_deterministic_one():
+    from nemo_aligner_draft.core.sampler import StepPlan, sample
+    from nemo_aligner_draft.core.schedulers import DDIMRule
+
+    # ᾱ = 1 at the middle timestep: step 0 lands on it (no noise), step 1 leaves it with noise again
+    alphas = torch.linspace(0.999, 0.5, 10)
+    alphas[5] = 1.0
+    rule = DDIMRule(alphas, torch.tensor([9, 5, 2]), 0.9, "epsilon")
+    with pytest.raises(ValueError, match="stochastic after the deterministic step 0"):
+        sample(lambda x, t: torch.zeros_like(x), rule, torch.ones(1, 4, 2, 2), StepPlan.no_grad(3), eta=1.0,
+               generator=torch.Generator().manual_seed(0))
