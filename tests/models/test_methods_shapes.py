@@ -23,7 +23,7 @@ differences are heavy-tailed (an object that flips to the wrong colour costs up 
 between seeds more than the gain. SDPO's margin is thinner (smallest z 2.2 at 20 steps, 1,440 samples;
 at 8 steps seed 1 was still at −0.1), so its threshold is ``Z_MIN_SLOW`` = 1.5; it is the slowest test here
 (about 4 minutes on one thread). Not here: DDPO and GRPO, which gain only after thousands of samples on
-this task (DDPO +3.4, GRPO +3.5 to +4.1 after 4,320; docs/experiments.md), and whose early validations
+this task (after 4,320: DDPO +3.4 ± 3.7, GRPO +3.0 ± 3.6, seeds +1.4 to +4.1; docs/experiments.md), and whose early validations
 swing across 0 between seeds; their beat-the-control tests stay on the ``brightness`` reward
 (``tests/models/test_methods_embedded.py``) and the tiny-model CLI tests.
 """
