@@ -194,12 +194,13 @@ def run_grpo(backend, steps: int, height: int, rank: int, micro_batch: int, warm
                 rewards = backend.decode(ro.final).float().mean(dim=(1, 2, 3))
         adv = group_advantages(rewards, micro_batch, cfg.global_std).to(ro.log_probs.device)
         idx = torch.arange(micro_batch)
-        for j in range(trained):
+        n = min(trained, ro.num_steps)  # a DDIM schedule ending on alpha_cumprod 1 has a noiseless last step
+        for j in range(n):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 loss, _ = grpo_step_loss(backend.denoiser(cond, w), backend.reference_denoiser(cond, w), rule,
                                          ro.select(idx.to(ro.final.device)), adv, torch.full((micro_batch,), j),
                                          cfg, GRPO_ETA)
-            (loss / trained).backward()
+            (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
