@@ -112,13 +112,26 @@ def _measure(step, warmup: int, repeats: int, label: str):
     return times, peak
 
 
-def _drop_adapter(backend):
-    """Remove this configuration's adapter so the next one starts from the bare denoiser."""
+def _optimizer_step(params, opt):
+    """Clip to norm 1 (the recipes' gradient_clip_val), step, clear; wait for the GPU so the time is the step's."""
     import torch
 
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _drop_adapter(backend, params) -> int:
+    """Remove this configuration's adapter so the next one starts from the bare denoiser; returns its size."""
+    import torch
+
+    size = sum(p.numel() for p in params)
     backend.net.delete_adapters(backend.net.active_adapters())
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return size
 
 
 def run_config(backend, k: int, ckpt: bool, steps: int, height: int, rank: int, warmup: int, repeats: int):
@@ -147,15 +160,10 @@ def run_config(backend, k: int, ckpt: bool, steps: int, height: int, rank: int, 
             loss, _, _ = draft_objective(backend.denoiser(cond, GUIDANCE[backend.family]), None, rule, latents, backend.decode,
                                          score, cfg, generator=g)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        _optimizer_step(params, opt)
 
     times, peak = _measure(step, warmup, repeats, f"K={k} checkpoint={ckpt}")
-    lora = sum(p.numel() for p in params)
-    _drop_adapter(backend)
+    lora = _drop_adapter(backend, params)
     return {"K": k, "checkpoint": ckpt, "step_s": times, "step_s_median": median(times), "peak_gib": peak,
             "lora_params": lora}
 
@@ -201,15 +209,10 @@ def run_grpo(backend, steps: int, height: int, rank: int, micro_batch: int, warm
                                          ro.select(idx.to(ro.final.device)), adv, torch.full((micro_batch,), j),
                                          cfg, GRPO_ETA)
             (loss / n).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        _optimizer_step(params, opt)
 
     times, peak = _measure(step, warmup, repeats, f"GRPO group {micro_batch}, {trained} trained steps")
-    lora = sum(p.numel() for p in params)
-    _drop_adapter(backend)
+    lora = _drop_adapter(backend, params)
     return {"algorithm": "grpo", "micro_batch": micro_batch, "trained_steps": trained, "step_s": times,
             "step_s_median": median(times), "peak_gib": peak, "lora_params": lora}
 

@@ -243,15 +243,21 @@ def our_loss(backend, latents, k, checkpoint=False):
     return loss
 
 
-def explicit_loss(pipe, transformer, latents, k):
-    """DRaFT-K written out: the pipeline's prompt encoding, diffusers' flow Euler step, the last ``k`` steps
-    with autograd on, the reward on the last step's x̂0 = x − σ·v decoded as the pipeline decodes."""
+def pipeline_inputs(pipe):
+    """The pipeline's own prompt encoding (negative first, as its CFG batch is laid out) and a fresh copy of
+    its scheduler set to STEPS."""
     with torch.no_grad():
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True,
                                                              max_sequence_length=SEQ)
-    hidden, pooled_all = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(STEPS)
+    return torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled]), scheduler
+
+
+def explicit_loss(pipe, transformer, latents, k):
+    """DRaFT-K written out: the pipeline's prompt encoding, diffusers' flow Euler step, the last ``k`` steps
+    with autograd on, the reward on the last step's x̂0 = x − σ·v decoded as the pipeline decodes."""
+    hidden, pooled_all, scheduler = pipeline_inputs(pipe)
     x = latents
     for i, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(i >= STEPS - k):
@@ -327,12 +333,7 @@ def test_draft_lv_with_the_velocity_penalty_equals_an_explicit_flow_computation(
         assert metrics["kl_penalty"] > 0
         return loss
 
-    with torch.no_grad():
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True,
-                                                             max_sequence_length=SEQ)
-    hidden, pooled_all = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(STEPS)
+    hidden, pooled_all, scheduler = pipeline_inputs(pipe)
 
     def velocity(x, t):
         v_u, v_c = net(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * len(PROMPTS)),
