@@ -30,24 +30,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BENCH, RESULTS, log, machine_info, md_table, median, write_json, write_markdown  # noqa: E402
+from common import (BENCH, RESULTS, log, machine_info, md_table, median, write_dir_once, write_json,  # noqa: E402
+                    write_markdown)
 
 
 GUIDANCE = {"sd": 7.5, "sdxl": 7.5, "sd3": 4.5}
 GRPO_ETA, GRPO_CLIP, GRPO_KL = 0.7, 1e-4, 0.01  # Flow-GRPO pickscore_sd3 (conf/grpo_sd3.yaml)
-
-
-def _write_once(path: str, what: str, save) -> None:
-    """Write a pipeline directory to a sibling and rename it: an interrupted write leaves nothing behind."""
-    import shutil
-
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        return
-    log(f"writing {what} to {path}")
-    tmp = path + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    os.replace(tmp, path)
 
 
 def build_backend(real: bool, device, unet_dtype, family: str = "sd", workdir: str = "", t5_layers: int = 24):
@@ -65,14 +53,14 @@ def build_backend(real: bool, device, unet_dtype, family: str = "sd", workdir: s
 
         opts = {"t5_layers": t5_layers} if family == "sd3" else {}
         path = os.path.join(base, f"gpu_{family}" + (f"_t5x{t5_layers}" if opts else ""))
-        _write_once(path, f"the {family} pipeline (random weights, published shapes)",
+        write_dir_once(path, f"the {family} pipeline (random weights, published shapes)",
                     lambda d: save_pipeline(family, d, **opts))
         backend = load_backend(path, frozen_dtype=frozen)
     elif family == "sd3":
         from nemo_aligner_draft.testing.tiny_sd3 import save_tiny_sd3
 
         path = os.path.join(base, "gpu_smoke_tiny_sd3")
-        _write_once(path, "the tiny SD3.5 pipeline", lambda d: save_tiny_sd3(d, sd35=True))
+        write_dir_once(path, "the tiny SD3.5 pipeline", lambda d: save_tiny_sd3(d, sd35=True))
         backend = load_backend(path, frozen_dtype=frozen)
     else:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -292,21 +280,15 @@ def main(argv=None):
     log(f"device {name}; {a.family} denoiser {n_unet / 1e6:.0f} M params; {a.height} px, {a.steps} {sampler} "
         f"steps, LoRA r{a.rank}, {a.algorithm}")
     t5 = a.t5_layers if a.family == "sd3" else None
-    rows = []
     if a.algorithm == "grpo":
-        runs = [("grpo", None, None)]
+        rows = [run_grpo(backend, a.steps, a.height, a.rank, a.micro_batch, a.warmup, a.repeats)]
     else:
-        runs = [("draftp", k, ckpt) for k, ckpt in parse_configs(a.configs, a.steps)]
-    for alg, k, ckpt in runs:
-        if alg == "grpo":
-            r = run_grpo(backend, a.steps, a.height, a.rank, a.micro_batch, a.warmup, a.repeats)
-        else:
-            r = run_config(backend, k, ckpt, a.steps, a.height, a.rank, a.warmup, a.repeats)
-        if real:
-            r["predicted_gib"] = predicted_gib(a.family, k or 1, a.steps, a.height, bool(ckpt), r["lora_params"],
-                                               a.unet_dtype, alg, r.get("micro_batch", 1), t5)
-            r["prediction_error"] = (r["predicted_gib"] - r["peak_gib"]) / r["peak_gib"]
-        rows.append(r)
+        rows = [run_config(backend, k, ckpt, a.steps, a.height, a.rank, a.warmup, a.repeats)
+                for k, ckpt in parse_configs(a.configs, a.steps)]
+    for r in rows if real else []:
+        r["predicted_gib"] = predicted_gib(a.family, r.get("K", 1), a.steps, a.height, r.get("checkpoint", False),
+                                           r["lora_params"], a.unet_dtype, a.algorithm, r.get("micro_batch", 1), t5)
+        r["prediction_error"] = (r["predicted_gib"] - r["peak_gib"]) / r["peak_gib"]
     data = {"benchmark": "gpu_realsize", "device": name, "machine": machine_info(),
             "settings": {"family": a.family, "algorithm": a.algorithm, "height": a.height, "steps": a.steps,
                          "cfg": GUIDANCE[a.family], "precision": "bf16 autocast", "unet_dtype": a.unet_dtype,

@@ -33,13 +33,12 @@ import ctypes
 import json
 import os
 import resource
-import shutil
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import TMP, log, machine_info, md_table, run_worker, write_json, write_markdown  # noqa: E402
+from common import TMP, log, machine_info, md_table, run_worker, write_dir_once, write_json, write_markdown  # noqa: E402
 
 GIB = 2**30
 
@@ -113,15 +112,9 @@ def ensure_assets(family: str, reward: str, depth: str = "", t5_layers: int = 1)
 
         torch.manual_seed(0)
         atomic_torch_save(AestheticHead(768).state_dict(), head)
-    for path, what, save in ((pipe, f"a random {family} pipeline of the published shapes",
-                              lambda d: save_pipeline(family, d, **opts)),
-                             (clip, f"a random {reward} CLIP backbone", lambda d: save_reward_clip(reward, d))):
-        if not os.path.isdir(path):  # written to a sibling and renamed: an interrupted save leaves nothing
-            log(f"saving {what} to {path} (fp16)")
-            tmp = path + ".partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save(tmp)
-            os.replace(tmp, path)
+    write_dir_once(pipe, f"a random {family} pipeline of the published shapes (fp16)",
+                   lambda d: save_pipeline(family, d, **opts))
+    write_dir_once(clip, f"a random {reward} CLIP backbone (fp16)", lambda d: save_reward_clip(reward, d))
     return {"pipeline": pipe, "clip": clip, "head": head if reward == "aesthetic" else None}
 
 

@@ -71,6 +71,18 @@ def ensure_tiny_sd() -> str:
     return path
 
 
+def write_dir_once(path: str, what: str, save) -> str:
+    """``save(tmp)`` into a temporary sibling of ``path``, renamed into place when complete (the package's
+    ``export.output.atomic_output``), unless ``path`` already exists: an interrupted write leaves nothing."""
+    from nemo_aligner_draft.export.output import atomic_output
+
+    if not os.path.isdir(path):
+        log(f"writing {what} to {path}")
+        with atomic_output(path, is_dir=True) as tmp:
+            save(tmp)
+    return path
+
+
 def _env() -> Dict[str, str]:
     env = dict(os.environ)
     env.update(ONE_THREAD_ENV)
