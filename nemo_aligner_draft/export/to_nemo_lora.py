@@ -47,19 +47,17 @@ def _is_lora_file(path: str) -> bool:
 def _lora_of(source: str, base: Optional[str]):
     """(peft state dict, r, lora_alpha, UNet without adapters, family) of a diffusers LoRA file or a
     training output of ours."""
-    from ..backends import detect_family
-
     if _is_lora_file(source):
         base = check_pipeline(base, "--base (the base pipeline of the LoRA file)")
+        family = check_nemo_family(base)
         state, config = read_lora(source, expected="unet")  # NeMo's SD LoRA is a UNet's
         lora_scale(config)  # refuses per-module rank/alpha patterns
         r, alpha = int(config["r"]), float(config["lora_alpha"])
-        family = check_nemo_family(base)
         return state, r, alpha, load_denoiser(base, family), family
     from peft.utils import get_peft_model_state_dict
 
     unet, _, base = load_trained_unet(source, base)
-    check_nemo_family(base)
+    family = check_nemo_family(base)
     if not getattr(unet, "peft_config", None):
         raise ConversionError(f"{source!r} is a full fine-tune (model.peft.peft_scheme none): there are no "
                               f"adapters to write; use to-nemo for the whole model")
@@ -68,7 +66,6 @@ def _lora_of(source: str, base: Optional[str]):
     if config.rank_pattern or config.alpha_pattern:
         raise ConversionError(f"{source!r}: per-module rank/alpha patterns have no NeMo equivalent")
     state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
-    family = detect_family(base)
     return state, int(config.r), float(config.lora_alpha), load_denoiser(base, family), family
 
 
