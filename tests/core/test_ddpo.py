@@ -182,9 +182,8 @@ def test_rollout_rejects_deterministic_samplers(backend):
 def test_a_deterministic_last_ddim_step_is_left_out_of_the_rollout(backend):
     """A DDIM schedule ending on ᾱ = 1 (set_alpha_to_one true: DDIMScheduler's default, which a scheduler
     config without the key converts to, as the tiny SDXL's Euler config does) has no noise in its last step
-    at any eta: the rollout keeps the
-    T − 1 stochastic steps, each stored x_i / x_{i+1} / log-prob still the hand-written density's, and the
-    final sample is the last step's output."""
+    at any eta: the rollout keeps the T − 1 stochastic steps, each stored x_i / x_{i+1} / log-prob still the
+    hand-written density's, and the final sample is the last step's output."""
     from diffusers import DDIMScheduler
 
     from nemo_aligner_draft.core.schedulers import DDIMRule

@@ -4,7 +4,9 @@ dir), on tiny random pipelines saved in the real diffusers layouts (``testing/ti
 config, checking the run directory, the method's metrics, that every key in the yaml was read, and that
 the exported LoRA loads into the plain diffusers pipeline and reproduces the trained model's image. Then
 the bad inputs of the families: a sampler that does not fit, and guidance on a FLUX model without a
-guidance embedding.
+guidance embedding. Last, on one trained DRaFT+ run per family (the ``trained`` fixture): its LoRA and its
+merged pipeline export in plain diffusers, nad-generate with LoRA scale and soups, and the .nemo
+converters' one-line refusal of a flow pipeline.
 """
 import json
 import os
@@ -78,79 +80,6 @@ def test_flow_family_cell_trains_and_exports(name, pipelines, tmp_path):
     assert val["rewards_tuned"] != val["rewards_base"], "the trained LoRA changed the validation images"
 
 
-def test_exported_flux_lora_reproduces_the_trained_model_in_diffusers(pipelines, tmp_path):
-    """The run's LoRA export, loaded with FluxPipeline.load_lora_weights, draws what our backend with the
-    trained adapters draws from the same latents (deterministic flow sampler, guidance embedding)."""
-    from diffusers import FluxPipeline
-
-    from nemo_aligner_draft.backends import load_backend
-    from nemo_aligner_draft.backends.flux import pack_latents
-    from nemo_aligner_draft.cli.train import main
-    from nemo_aligner_draft.core.sampler import StepPlan, sample
-    from nemo_aligner_draft.export.lora_io import apply_lora, read_lora
-
-    family, loop, steps, extra = CELLS["draftp_flux_tiny"]
-    run = tmp_path / "run"
-    assert main(_args("draftp_flux_tiny", pipelines["flux"], run, steps, loop,
-                      [*extra, "model.optim.lr=0.05"])) == 0
-    pipe = FluxPipeline.from_pretrained(pipelines["flux"])
-    pipe.load_lora_weights(str(run / "export"))
-    h = w = 64
-    backend = load_backend(pipelines["flux"], "flux")
-    state, lcfg = read_lora(str(run / "export"))  # what nad-generate --lora does
-    apply_lora(backend.net, state, int(lcfg["r"]), float(lcfg["lora_alpha"]))
-    backend.set_resolution(h, w)
-    rule = backend.step_rule(4)
-    x = backend.initial_latents(1, h, w, rule, generator=torch.Generator().manual_seed(0))
-    prompt = ["a red circle"]
-    ours = sample(backend.denoiser(backend.encode_prompts(prompt), 3.5), rule, x, StepPlan.no_grad(4)).latents
-    theirs = pipe(prompt, latents=pack_latents(x), num_inference_steps=4, guidance_scale=3.5, height=h, width=w,
-                  output_type="latent", max_sequence_length=backend.max_sequence_length).images
-    from nemo_aligner_draft.backends.flux import unpack_latents
-
-    theirs = unpack_latents(theirs, x.shape[2], x.shape[3])
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
-    plain = FluxPipeline.from_pretrained(pipelines["flux"])(prompt, latents=pack_latents(x), num_inference_steps=4,
-                                                            guidance_scale=3.5, height=h, width=w, output_type="latent",
-                                                            max_sequence_length=backend.max_sequence_length).images
-    assert (unpack_latents(plain, x.shape[2], x.shape[3]) - ours).abs().max() > 1e-4, "the LoRA changes the image"
-
-
-def test_exported_sd3_lora_reproduces_the_trained_model_in_diffusers(pipelines, tmp_path):
-    """The run's LoRA export, loaded with StableDiffusion3Pipeline.load_lora_weights, draws what our backend
-    with the trained adapters draws from the same latents (flow Euler sampler, classifier-free guidance 4.5,
-    CLIP-L + CLIP-G + T5 conditioning, the empty negative prompt)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    from nemo_aligner_draft.backends import load_backend
-    from nemo_aligner_draft.cli.train import main
-    from nemo_aligner_draft.core.sampler import StepPlan, sample
-    from nemo_aligner_draft.export.lora_io import apply_lora, read_lora
-
-    family, loop, steps, extra = CELLS["draftp_sd3_tiny"]
-    run = tmp_path / "run"
-    assert main(_args("draftp_sd3_tiny", pipelines["sd3"], run, steps, loop, [*extra, "model.optim.lr=0.05"])) == 0
-    h = w = 64
-    backend = load_backend(pipelines["sd3"], "sd3")
-    state, lcfg = read_lora(str(run / "export"))
-    apply_lora(backend.net, state, int(lcfg["r"]), float(lcfg["lora_alpha"]))
-    backend.set_resolution(h, w)
-    rule = backend.step_rule(4)
-    x = backend.initial_latents(1, h, w, rule, generator=torch.Generator().manual_seed(0))
-    prompt = ["a red circle"]
-    ours = sample(backend.denoiser(backend.encode_prompts(prompt), 4.5), rule, x, StepPlan.no_grad(4)).latents
-
-    def draw(pipe):
-        return pipe(prompt, latents=x.clone(), num_inference_steps=4, guidance_scale=4.5, height=h, width=w,
-                    output_type="latent", max_sequence_length=backend.max_sequence_length).images
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(pipelines["sd3"])
-    pipe.load_lora_weights(str(run / "export"))
-    torch.testing.assert_close(draw(pipe), ours, rtol=1e-4, atol=1e-5)
-    plain = draw(StableDiffusion3Pipeline.from_pretrained(pipelines["sd3"]))
-    assert (plain - ours).abs().max() > 1e-4, "the LoRA changes the image"
-
-
 def test_flow_sampler_on_a_noise_prediction_model_is_one_line(tiny_sd_dir, tmp_path, capsys):
     from nemo_aligner_draft.cli.train import main
 
@@ -170,33 +99,6 @@ def test_guidance_on_flux_without_guidance_embedding_is_one_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and "model.infer.unconditional_guidance_scale" in err and "no guidance embedding" in err
     assert "Traceback" not in err
-
-
-def test_nad_generate_draws_flux_with_lora_scale_and_soup(pipelines, tmp_path):
-    """nad-generate on a FLUX directory with a trained run's LoRA: --lora-scale 0 draws the base model's
-    images exactly, the LoRA draws other ones, and the soup with the base at alpha 0.5 equals
-    --lora-scale 0.5 (both are half the update ΔW)."""
-    from nemo_aligner_draft.cli.generate import generate, parse_args
-    from nemo_aligner_draft.cli.train import main
-
-    family, loop, steps, extra = CELLS["draftp_flux_tiny"]
-    run = tmp_path / "run"
-    assert main(_args("draftp_flux_tiny", pipelines["flux"], run, steps, loop, [*extra, "model.optim.lr=0.05"])) == 0
-    common = ["--model", pipelines["flux"], "--prompt", "a red circle", "a blue square", "--steps", "4", "--cfg", "3.5",
-              "--height", "64", "--width", "64", "--device", "cpu"]
-
-    def draw(name, *more):
-        return generate(parse_args([*common, "--out", str(tmp_path / name), *more]))["images"]
-
-    base = draw("base")
-    lora = draw("lora", "--lora", str(run / "export"))
-    zero = draw("zero", "--lora", str(run / "export"), "--lora-scale", "0")
-    half = draw("half", "--lora", str(run / "export"), "--lora-scale", "0.5")
-    soup = draw("soup", "--soup-lora", str(run / "export"), "base", "--soup-alpha", "0.5")
-    torch.testing.assert_close(zero, base)
-    assert (lora - base).abs().max() > 1e-3
-    torch.testing.assert_close(soup, half, rtol=1e-4, atol=1e-5)
-    assert (half - base).abs().max() > 0 and (half - lora).abs().max() > 0
 
 
 @pytest.mark.parametrize("config,family,other", [("draftp_sd3_tiny", "sd3", "flux"), ("grpo_flux_tiny", "flux", "sd3")])
@@ -230,15 +132,57 @@ def trained(pipelines, tmp_path_factory):
     return runs
 
 
-def _diffusers_latents(family, pipe, x, prompt, guidance, max_sequence_length):
+GUIDANCE = {"flux": 3.5, "sd3": 4.5}  # FLUX.1-dev's embedded guidance; SD3's classifier-free scale
+PROMPT = ["a red circle"]
+
+
+def _trained_latents(family, pipelines, run):
+    """Our backend with the run's exported LoRA applied (what nad-generate --lora does): (final latents of the
+    deterministic 4-step flow sampler from seed-0 initial latents at 64 px, those initial latents, T5 length)."""
+    from nemo_aligner_draft.backends import load_backend
+    from nemo_aligner_draft.core.sampler import StepPlan, sample
+    from nemo_aligner_draft.export.lora_io import apply_lora, read_lora
+
+    backend = load_backend(pipelines[family], family)
+    state, lcfg = read_lora(os.path.join(run, "export"))
+    apply_lora(backend.net, state, int(lcfg["r"]), float(lcfg["lora_alpha"]))
+    backend.set_resolution(64, 64)
+    rule = backend.step_rule(4)
+    x = backend.initial_latents(1, 64, 64, rule, generator=torch.Generator().manual_seed(0))
+    ours = sample(backend.denoiser(backend.encode_prompts(PROMPT), GUIDANCE[family]), rule, x,
+                  StepPlan.no_grad(4)).latents
+    return ours, x, backend.max_sequence_length
+
+
+def _diffusers_latents(family, pipe, x, max_sequence_length):
     """The plain diffusers pipeline's final latents from our initial latents ``x`` (FLUX: packed and back)."""
     from nemo_aligner_draft.backends.flux import pack_latents, unpack_latents
 
     h, w = x.shape[2] * 8, x.shape[3] * 8
-    out = pipe(prompt, latents=pack_latents(x) if family == "flux" else x.clone(), num_inference_steps=4,
-               guidance_scale=guidance, height=h, width=w, output_type="latent",
+    out = pipe(PROMPT, latents=pack_latents(x) if family == "flux" else x.clone(), num_inference_steps=4,
+               guidance_scale=GUIDANCE[family], height=h, width=w, output_type="latent",
                max_sequence_length=max_sequence_length).images
     return unpack_latents(out, x.shape[2], x.shape[3]) if family == "flux" else out
+
+
+def _pipeline_class(family):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    return FluxPipeline if family == "flux" else StableDiffusion3Pipeline
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_exported_lora_reproduces_the_trained_model_in_diffusers(family, pipelines, trained):
+    """The run's LoRA export, loaded with FluxPipeline / StableDiffusion3Pipeline.load_lora_weights, draws what
+    our backend with the trained adapters draws from the same latents (deterministic flow sampler; FLUX: the
+    guidance embedding; SD3: classifier-free guidance 4.5, CLIP-L + CLIP-G + T5 conditioning, the empty
+    negative prompt)."""
+    ours, x, seq = _trained_latents(family, pipelines, trained[family])
+    pipe = _pipeline_class(family).from_pretrained(pipelines[family])
+    pipe.load_lora_weights(os.path.join(trained[family], "export"))
+    torch.testing.assert_close(_diffusers_latents(family, pipe, x, seq), ours, rtol=1e-4, atol=1e-5)
+    plain = _diffusers_latents(family, _pipeline_class(family).from_pretrained(pipelines[family]), x, seq)
+    assert (plain - ours).abs().max() > 1e-4, "the LoRA changes the image"
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
@@ -246,62 +190,49 @@ def test_merged_pipeline_export_draws_the_trained_model_in_diffusers(family, pip
     """nad-convert to-diffusers on a flow run: the LoRA is folded into transformer/ (no peft keys left) and
     the plain FluxPipeline / StableDiffusion3Pipeline loaded from the merged directory draws what our backend
     with the run's adapters draws from the same latents (merging changes float32 rounding only)."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
     from safetensors.torch import load_file
 
-    from nemo_aligner_draft.backends import load_backend
     from nemo_aligner_draft.cli.convert import main as convert
-    from nemo_aligner_draft.core.sampler import StepPlan, sample
-    from nemo_aligner_draft.export.lora_io import apply_lora, read_lora
 
     out = str(tmp_path / "merged")
     assert convert(["to-diffusers", trained[family], out]) == 0
     weights = load_file(os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors"))
     assert not [k for k in weights if "lora" in k]
-    assert json.load(open(os.path.join(out, "model_index.json")))["_class_name"] == (
-        "FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline")
-    guidance = 3.5 if family == "flux" else 4.5
-    backend = load_backend(pipelines[family], family)
-    state, lcfg = read_lora(os.path.join(trained[family], "export"))
-    apply_lora(backend.net, state, int(lcfg["r"]), float(lcfg["lora_alpha"]))
-    backend.set_resolution(64, 64)
-    rule = backend.step_rule(4)
-    x = backend.initial_latents(1, 64, 64, rule, generator=torch.Generator().manual_seed(0))
-    prompt = ["a red circle"]
-    ours = sample(backend.denoiser(backend.encode_prompts(prompt), guidance), rule, x, StepPlan.no_grad(4)).latents
-    cls = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
-    merged = _diffusers_latents(family, cls.from_pretrained(out), x, prompt, guidance, backend.max_sequence_length)
-    torch.testing.assert_close(merged, ours, rtol=1e-4, atol=1e-5)
-    base = _diffusers_latents(family, cls.from_pretrained(pipelines[family]), x, prompt, guidance,
-                              backend.max_sequence_length)
+    cls = _pipeline_class(family)
+    assert json.load(open(os.path.join(out, "model_index.json")))["_class_name"] == cls.__name__
+    ours, x, seq = _trained_latents(family, pipelines, trained[family])
+    torch.testing.assert_close(_diffusers_latents(family, cls.from_pretrained(out), x, seq), ours, rtol=1e-4, atol=1e-5)
+    base = _diffusers_latents(family, cls.from_pretrained(pipelines[family]), x, seq)
     assert (base - ours).abs().max() > 1e-4, "the merged LoRA changes the image"
 
 
-def test_nad_generate_draws_sd3_with_lora_scale_and_soup(pipelines, trained, tmp_path):
-    """nad-generate on an SD3 directory (classifier-free guidance on the empty negative prompt): --lora-scale 0
-    is the base model exactly, the LoRA draws other images, the soup with the base at alpha 0.5 equals
-    --lora-scale 0.5, and the merged export draws the --lora images."""
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_nad_generate_draws_with_lora_scale_soup_and_merged_export(family, pipelines, trained, tmp_path):
+    """nad-generate on a FLUX / SD3 directory with a trained run's LoRA: --lora-scale 0 draws the base model's
+    images exactly, the LoRA draws other ones, the soup with the base at alpha 0.5 equals --lora-scale 0.5
+    (both are half the update ΔW), and the merged export draws the --lora images."""
     from nemo_aligner_draft.cli.convert import main as convert
     from nemo_aligner_draft.cli.generate import generate, parse_args
 
-    lora_dir = os.path.join(trained["sd3"], "export")
-    common = ["--prompt", "a red circle", "a blue square", "--steps", "4", "--cfg", "4.5", "--height", "64",
-              "--width", "64", "--device", "cpu"]
+    lora_dir = os.path.join(trained[family], "export")
+    common = ["--prompt", "a red circle", "a blue square", "--steps", "4", "--cfg", str(GUIDANCE[family]),
+              "--height", "64", "--width", "64", "--device", "cpu"]
 
     def draw(name, model, *more):
         return generate(parse_args(["--model", model, *common, "--out", str(tmp_path / name), *more]))["images"]
 
-    base = draw("base", pipelines["sd3"])
-    lora = draw("lora", pipelines["sd3"], "--lora", lora_dir)
-    zero = draw("zero", pipelines["sd3"], "--lora", lora_dir, "--lora-scale", "0")
-    half = draw("half", pipelines["sd3"], "--lora", lora_dir, "--lora-scale", "0.5")
-    soup = draw("soup", pipelines["sd3"], "--soup-lora", lora_dir, "base", "--soup-alpha", "0.5")
+    base = draw("base", pipelines[family])
+    lora = draw("lora", pipelines[family], "--lora", lora_dir)
+    zero = draw("zero", pipelines[family], "--lora", lora_dir, "--lora-scale", "0")
+    half = draw("half", pipelines[family], "--lora", lora_dir, "--lora-scale", "0.5")
+    soup = draw("soup", pipelines[family], "--soup-lora", lora_dir, "base", "--soup-alpha", "0.5")
     torch.testing.assert_close(zero, base)
     assert (lora - base).abs().max() > 1e-3
     torch.testing.assert_close(soup, half, rtol=1e-4, atol=1e-5)
     assert (half - base).abs().max() > 0 and (half - lora).abs().max() > 0
-    assert convert(["to-diffusers", trained["sd3"], str(tmp_path / "merged")]) == 0
+    assert convert(["to-diffusers", trained[family], str(tmp_path / "merged")]) == 0
     torch.testing.assert_close(draw("merged", str(tmp_path / "merged")), lora, rtol=1e-4, atol=1e-4)
+
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
